@@ -1,0 +1,1 @@
+"""flower-privacy's digits demo app."""

@@ -1,0 +1,67 @@
+"""Client side of the digits app."""
+
+from __future__ import annotations
+
+import torch
+from flwr.app import ArrayRecord, Context, Message, MetricRecord, RecordDict
+from flwr.clientapp import ClientApp
+
+from digits_app.task import Net, evaluate, load_partition, model_shape, train
+
+app = ClientApp()
+
+
+def _data(context: Context):  # noqa: ANN202
+    cfg = context.run_config
+    return load_partition(
+        str(cfg["dataset"]),
+        int(context.node_config["partition-id"]),
+        int(context.node_config["num-partitions"]),
+        str(cfg["partitioner"]),
+        float(cfg["dirichlet-alpha"]),
+        int(cfg["seed"]),
+    )
+
+
+def _model(msg: Message, context: Context) -> Net:
+    net = Net(*model_shape(str(context.run_config["dataset"])))
+    net.load_state_dict(msg.content["arrays"].to_torch_state_dict())
+    return net
+
+
+@app.train()
+def train_fn(msg: Message, context: Context) -> Message:
+    """Train the received model on this node's partition."""
+    train_data, _ = _data(context)
+    net = _model(msg, context)
+    cfg = context.run_config
+    server_round = int(msg.content["config"].get("server-round", 0))
+    loss = train(
+        net, train_data,
+        epochs=int(cfg["local-epochs"]), batch_size=int(cfg["batch-size"]),
+        lr=float(cfg["learning-rate"]),
+        seed=int(cfg["seed"]) * 100_003 + server_round * 1009 + context.node_id % 1009,
+    )
+    state = {k: v.detach().cpu() for k, v in net.state_dict().items()}
+    content = RecordDict({
+        "arrays": ArrayRecord(state),
+        "metrics": MetricRecord({"train-loss": loss, "num-examples": len(train_data)}),
+    })
+    return Message(content=content, reply_to=msg)
+
+
+@app.evaluate()
+def evaluate_fn(msg: Message, context: Context) -> Message:
+    """Evaluate the received model on this node's test split."""
+    _, test_data = _data(context)
+    net = _model(msg, context)
+    loss, accuracy = evaluate(net, test_data)
+    content = RecordDict({
+        "metrics": MetricRecord(
+            {"eval-loss": loss, "eval-acc": accuracy, "num-examples": len(test_data)}
+        ),
+    })
+    return Message(content=content, reply_to=msg)
+
+
+torch.set_num_threads(1)  # virtual clients share the machine's cores

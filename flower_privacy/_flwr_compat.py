@@ -1,0 +1,59 @@
+"""Every use of Flower internals (anything outside flwr's public API) lives here.
+
+flower-privacy is tested against flwr 1.41.x. When Flower changes one of these
+internals, this is the one file to update.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+from uuid import uuid4
+
+from flwr.app import Message
+from flwr.common.config import parse_config_args
+from flwr.common.constant import SUPERLINK_NODE_ID, ErrorCode
+from flwr.supercore.run import Run
+from flwr.supercore.task_identity import TaskIdentity
+from flwr.supercore.utils import simulation_config_from_json
+
+__all__ = [
+    "SUPERLINK_NODE_ID",
+    "ErrorCode",
+    "assign_message_id",
+    "empty_run",
+    "parse_federation_config",
+    "set_task_identity",
+]
+
+
+def set_task_identity(run_id: int, node_id: int, task_id: int = 1) -> None:
+    """Set the process-wide identity that ``Message(...)`` reads for new messages."""
+    TaskIdentity.run_id = run_id
+    TaskIdentity.node_id = node_id
+    TaskIdentity.task_id = task_id
+
+
+def empty_run(run_id: int) -> Run:
+    """A ``Run`` with no FAB, as an in-process grid needs."""
+    return Run.create_empty(run_id)
+
+
+def assign_message_id(message: Message) -> str:
+    """Give a message the unique id a SuperLink would assign on arrival."""
+    message_id = str(uuid4())
+    message.metadata.__dict__["_message_id"] = message_id
+    return message_id
+
+
+def parse_federation_config(overrides: list[str]) -> Any:
+    """Parse ``--federation-config`` overrides exactly as ``flwr run`` does.
+
+    Returns Flower's ``SimulationConfig`` protobuf; raises ``ValueError`` naming
+    the problem when a key or value is not accepted.
+    """
+    values = parse_config_args(overrides)
+    values = {key.replace("-", "_"): value for key, value in values.items()}
+    try:
+        return simulation_config_from_json(values)
+    except (ValueError, TypeError, AttributeError) as err:
+        raise ValueError(f"invalid federation config {overrides!r}: {err}") from err

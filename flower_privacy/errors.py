@@ -1,0 +1,33 @@
+"""Exceptions raised by flower-privacy on the server side."""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from flower_privacy.strategies.result import PrivacyResult
+
+
+class FlowerPrivacyError(Exception):
+    """Base class of every error flower-privacy raises on purpose."""
+
+
+class RoundFailedError(FlowerPrivacyError):
+    """One round produced no model; the reason says why."""
+
+    def __init__(self, server_round: int, reason: str) -> None:
+        super().__init__(f"round {server_round} failed: {reason}")
+        self.server_round = server_round
+        self.reason = reason
+
+
+class RunHaltedError(FlowerPrivacyError):
+    """The run cannot make progress; ``result`` holds everything up to the halt."""
+
+    def __init__(self, message: str, result: PrivacyResult) -> None:
+        super().__init__(message)
+        self.result = result
+
+
+class NotEnoughNodesError(FlowerPrivacyError):
+    """Fewer nodes are connected than the strategy needs, after waiting."""

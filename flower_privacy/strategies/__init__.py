@@ -1,0 +1,6 @@
+"""Server-side strategy wrappers for Flower's Message API."""
+
+from flower_privacy.strategies.result import PrivacyResult
+from flower_privacy.strategies.strict_rounds import StrictRounds
+
+__all__ = ["PrivacyResult", "StrictRounds"]

@@ -1,0 +1,317 @@
+"""A strategy wrapper under which no round fails silently.
+
+Flower's ``Strategy.start`` keeps the old model when ``aggregate_train`` returns
+nothing and waits forever for nodes that never connect. ``StrictRounds`` wraps any
+Message-API strategy and instead records every failed round in the history, halts
+the run with :class:`~flower_privacy.errors.RunHaltedError` once it cannot make
+progress, rejects replies whose arrays are malformed or not finite, and names the
+nodes that did not answer. Every flower-privacy wrapper builds on it.
+"""
+
+from __future__ import annotations
+
+import io
+import time
+from collections.abc import Callable, Iterable
+from logging import ERROR, INFO, WARNING
+
+import numpy as np
+from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord
+from flwr.common import log
+from flwr.serverapp import Grid
+from flwr.serverapp.strategy import Strategy
+
+from flower_privacy.errors import NotEnoughNodesError, RoundFailedError, RunHaltedError
+from flower_privacy.strategies.result import PrivacyResult
+
+_ARRAYS_KEY = "arrays"
+
+
+class StrictRounds(Strategy):
+    """Wrap ``strategy`` so that failed rounds are recorded and halt the run.
+
+    Parameters
+    ----------
+    strategy : Strategy
+        The inner Message-API strategy (e.g. ``FedAvg``) that selects nodes and
+        aggregates.
+    min_train_replies : int | None
+        Fewest usable training replies a round accepts. Defaults to the inner
+        strategy's ``min_train_nodes`` (or 1 if it has none).
+    max_failed_rounds : int
+        How many consecutive failed rounds the run tolerates before it halts.
+        The default 0 halts at the first failure.
+    node_wait_timeout : float
+        Seconds to wait for the inner strategy's ``min_available_nodes`` nodes
+        before a round; then :class:`NotEnoughNodesError` ends the run (Flower
+        alone would wait forever).
+    """
+
+    def __init__(
+        self,
+        strategy: Strategy,
+        *,
+        min_train_replies: int | None = None,
+        max_failed_rounds: int = 0,
+        node_wait_timeout: float = 300.0,
+    ) -> None:
+        if not isinstance(strategy, Strategy):
+            raise TypeError(
+                f"strategy must be a flwr.serverapp.strategy.Strategy, got {type(strategy).__name__}"
+            )
+        if min_train_replies is None:
+            min_train_replies = int(getattr(strategy, "min_train_nodes", 1))
+        if min_train_replies < 1:
+            raise ValueError(f"min_train_replies must be >= 1, got {min_train_replies}")
+        if max_failed_rounds < 0:
+            raise ValueError(f"max_failed_rounds must be >= 0, got {max_failed_rounds}")
+        if not node_wait_timeout > 0:
+            raise ValueError(f"node_wait_timeout must be > 0 seconds, got {node_wait_timeout}")
+        self.strategy = strategy
+        self.min_train_replies = min_train_replies
+        self.max_failed_rounds = max_failed_rounds
+        self.node_wait_timeout = node_wait_timeout
+        self._sent_to: dict[int, list[int]] = {}
+        self._expected_shapes: dict[str, tuple[tuple[int, ...], str]] = {}
+
+    # -- the five Strategy methods -------------------------------------------------
+
+    def summary(self) -> None:
+        """Log this wrapper's settings, then the inner strategy's summary."""
+        log(
+            INFO,
+            "\t├──> %s: min train replies %d, tolerated consecutive failed rounds %d",
+            type(self).__name__,
+            self.min_train_replies,
+            self.max_failed_rounds,
+        )
+        self.strategy.summary()
+
+    def configure_train(
+        self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
+    ) -> Iterable[Message]:
+        """Wait (bounded) for enough nodes, then let the inner strategy configure."""
+        self._wait_for_nodes(grid)
+        self._expected_shapes = _shapes_of(arrays)
+        messages = list(self.strategy.configure_train(server_round, arrays, config, grid))
+        self._sent_to[server_round] = [m.metadata.dst_node_id for m in messages]
+        return messages
+
+    def aggregate_train(
+        self, server_round: int, replies: Iterable[Message]
+    ) -> tuple[ArrayRecord | None, MetricRecord | None]:
+        """Drop unusable replies (naming the node), aggregate, fail loudly if too few."""
+        replies = list(replies)
+        sent_to = self._sent_to.get(server_round, [])
+        replied = {m.metadata.src_node_id for m in replies}
+        silent = [node for node in sent_to if node not in replied]
+        if silent:
+            log(WARNING, "round %d: no reply from node(s) %s before the timeout", server_round, silent)
+
+        usable: list[Message] = []
+        problems: list[str] = []
+        for reply in replies:
+            problem = self._reply_problem(reply)
+            if problem is None:
+                usable.append(reply)
+            else:
+                problems.append(f"node {reply.metadata.src_node_id}: {problem}")
+                log(ERROR, "round %d: rejected reply of node %s: %s",
+                    server_round, reply.metadata.src_node_id, problem)
+        if len(usable) < self.min_train_replies:
+            detail = "; ".join(problems) if problems else "no errors reported"
+            if silent:
+                detail += f"; no reply from {len(silent)} node(s)"
+            raise RoundFailedError(
+                server_round,
+                f"{len(usable)} usable training replies of {len(sent_to)} requested, "
+                f"at least {self.min_train_replies} needed ({detail})",
+            )
+        arrays, metrics = self.strategy.aggregate_train(server_round, usable)
+        if arrays is None:
+            raise RoundFailedError(
+                server_round,
+                f"{type(self.strategy).__name__} aggregated no model from {len(usable)} replies",
+            )
+        bad = _first_non_finite(arrays)
+        if bad is not None:
+            raise RoundFailedError(server_round, f"aggregated array '{bad}' has NaN or inf values")
+        return arrays, metrics
+
+    def configure_evaluate(
+        self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
+    ) -> Iterable[Message]:
+        """Delegate to the inner strategy."""
+        return self.strategy.configure_evaluate(server_round, arrays, config, grid)
+
+    def aggregate_evaluate(
+        self, server_round: int, replies: Iterable[Message]
+    ) -> MetricRecord | None:
+        """Delegate to the inner strategy, logging error replies by node."""
+        replies = list(replies)
+        for reply in replies:
+            if reply.has_error():
+                log(WARNING, "round %d: evaluation failed on node %s: %s",
+                    server_round, reply.metadata.src_node_id, reply.error.reason)
+        return self.strategy.aggregate_evaluate(server_round, replies)
+
+    # -- the loop ------------------------------------------------------------------
+
+    def start(  # noqa: PLR0913 - mirrors Strategy.start
+        self,
+        grid: Grid,
+        initial_arrays: ArrayRecord,
+        num_rounds: int = 3,
+        timeout: float = 3600,
+        train_config: ConfigRecord | None = None,
+        evaluate_config: ConfigRecord | None = None,
+        evaluate_fn: Callable[[int, ArrayRecord], MetricRecord | None] | None = None,
+    ) -> PrivacyResult:
+        """Run ``num_rounds`` rounds like ``Strategy.start``, but never fail silently.
+
+        A round that yields no model is recorded in ``result.failed_rounds`` and
+        logged; more than ``max_failed_rounds`` consecutive failures raise
+        :class:`RunHaltedError` carrying the partial result. Returns a
+        :class:`PrivacyResult`.
+        """
+        if num_rounds < 1:
+            raise ValueError(f"num_rounds must be >= 1, got {num_rounds}")
+        if not timeout > 0:
+            raise ValueError(f"timeout must be > 0 seconds, got {timeout}")
+        train_config = ConfigRecord() if train_config is None else train_config
+        evaluate_config = ConfigRecord() if evaluate_config is None else evaluate_config
+        log(INFO, "Starting %s strategy for %d rounds:", type(self).__name__, num_rounds)
+        self.summary()
+
+        result = PrivacyResult(arrays=initial_arrays)
+        t_start = time.time()
+        if evaluate_fn:
+            self._evaluate_centrally(evaluate_fn, 0, initial_arrays, result)
+        arrays = initial_arrays
+        consecutive_failures = 0
+        for server_round in range(1, num_rounds + 1):
+            log(INFO, "")
+            log(INFO, "[ROUND %s/%s]", server_round, num_rounds)
+            try:
+                new_arrays, train_metrics = self._train_round(
+                    grid, server_round, arrays, train_config, timeout
+                )
+            except (RoundFailedError, NotEnoughNodesError) as err:
+                reason = err.reason if isinstance(err, RoundFailedError) else str(err)
+                result.failed_rounds[server_round] = reason
+                log(ERROR, "[ROUND %s] FAILED: %s (global model not updated)", server_round, reason)
+                consecutive_failures += 1
+                if isinstance(err, NotEnoughNodesError) or consecutive_failures > self.max_failed_rounds:
+                    result.halt_reason = (
+                        f"round {server_round} failed ({reason}) after "
+                        f"{consecutive_failures} consecutive failed round(s); "
+                        f"max_failed_rounds={self.max_failed_rounds}"
+                    )
+                    log(ERROR, "Run halted: %s", result.halt_reason)
+                    raise RunHaltedError(result.halt_reason, result) from err
+                continue
+            consecutive_failures = 0
+            arrays = result.arrays = new_arrays
+            if train_metrics is not None:
+                log(INFO, "\t└──> Aggregated MetricRecord: %s", train_metrics)
+                result.train_metrics_clientapp[server_round] = train_metrics
+
+            evaluate_messages = list(
+                self.configure_evaluate(server_round, arrays, evaluate_config, grid)
+            )
+            if evaluate_messages:
+                replies = grid.send_and_receive(messages=evaluate_messages, timeout=timeout)
+                eval_metrics = self.aggregate_evaluate(server_round, replies)
+                if eval_metrics is None:
+                    log(WARNING, "round %d: federated evaluation returned no metrics", server_round)
+                else:
+                    log(INFO, "\t└──> Aggregated MetricRecord: %s", eval_metrics)
+                    result.evaluate_metrics_clientapp[server_round] = eval_metrics
+            if evaluate_fn:
+                self._evaluate_centrally(evaluate_fn, server_round, arrays, result)
+
+        log(INFO, "")
+        log(INFO, "Strategy execution finished in %.2fs", time.time() - t_start)
+        for line in io.StringIO(str(result)):
+            log(INFO, "\t%s", line.rstrip("\n"))
+        return result
+
+    # -- helpers -------------------------------------------------------------------
+
+    def _train_round(
+        self,
+        grid: Grid,
+        server_round: int,
+        arrays: ArrayRecord,
+        config: ConfigRecord,
+        timeout: float,
+    ) -> tuple[ArrayRecord, MetricRecord | None]:
+        messages = list(self.configure_train(server_round, arrays, config, grid))
+        if not messages:
+            raise RoundFailedError(server_round, "no node was selected for training")
+        replies = grid.send_and_receive(messages=messages, timeout=timeout)
+        new_arrays, metrics = self.aggregate_train(server_round, replies)
+        if new_arrays is None:  # a subclass may override aggregate_train
+            raise RoundFailedError(server_round, "aggregation returned no model")
+        return new_arrays, metrics
+
+    def _wait_for_nodes(self, grid: Grid) -> None:
+        needed = int(getattr(self.strategy, "min_available_nodes", 1))
+        deadline = time.monotonic() + self.node_wait_timeout
+        while (connected := len(list(grid.get_node_ids()))) < needed:
+            if time.monotonic() >= deadline:
+                raise NotEnoughNodesError(
+                    f"only {connected} node(s) connected after waiting "
+                    f"{self.node_wait_timeout:.0f} s; the strategy needs "
+                    f"min_available_nodes={needed}"
+                )
+            log(INFO, "Waiting for nodes: %d connected, %d needed", connected, needed)
+            time.sleep(min(1.0, self.node_wait_timeout))
+
+    def _reply_problem(self, reply: Message) -> str | None:
+        """Why a training reply cannot be aggregated, or None if it can."""
+        if reply.has_error():
+            return f"error reply ({reply.error.reason})"
+        records = [r for r in reply.content.array_records.values()]
+        if len(records) != 1:
+            return f"expected exactly one ArrayRecord, found {len(records)}"
+        received = _shapes_of(records[0])
+        if self._expected_shapes and received != self._expected_shapes:
+            missing = sorted(set(self._expected_shapes) - set(received))
+            extra = sorted(set(received) - set(self._expected_shapes))
+            wrong = sorted(
+                key for key in set(received) & set(self._expected_shapes)
+                if received[key] != self._expected_shapes[key]
+            )
+            return (
+                "arrays do not match the global model "
+                f"(missing {missing}, unexpected {extra}, wrong shape or dtype {wrong})"
+            )
+        bad = _first_non_finite(records[0])
+        if bad is not None:
+            return f"array '{bad}' has NaN or inf values"
+        return None
+
+    @staticmethod
+    def _evaluate_centrally(
+        evaluate_fn: Callable[[int, ArrayRecord], MetricRecord | None],
+        server_round: int,
+        arrays: ArrayRecord,
+        result: PrivacyResult,
+    ) -> None:
+        metrics = evaluate_fn(server_round, arrays)
+        log(INFO, "Global evaluation (round %d): %s", server_round, metrics)
+        if metrics is not None:
+            result.evaluate_metrics_serverapp[server_round] = metrics
+
+
+def _shapes_of(arrays: ArrayRecord) -> dict[str, tuple[tuple[int, ...], str]]:
+    return {key: (tuple(arr.shape), str(arr.dtype)) for key, arr in arrays.items()}
+
+
+def _first_non_finite(arrays: ArrayRecord) -> str | None:
+    for key, arr in arrays.items():
+        values = arr.numpy()
+        if np.issubdtype(values.dtype, np.floating) and not np.isfinite(values).all():
+            return key
+    return None
