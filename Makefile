@@ -23,6 +23,7 @@ demo: $(STAMP)
 	$(BIN)/flower-privacy demo
 
 test: $(STAMP)
+	$(BIN)/ruff check flower_privacy apps tests
 	$(BIN)/python -m pytest
 
 lint: $(STAMP)

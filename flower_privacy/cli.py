@@ -38,7 +38,8 @@ def _report(outcome: RunOutcome, started: float) -> None:
         reason = outcome.fatal_reason or outcome.details or "no details"
         typer.secho(
             f"run {outcome.run_id} did not complete: status {outcome.status!r}: {reason}",
-            fg=typer.colors.RED, err=True,
+            fg=typer.colors.RED,
+            err=True,
         )
         raise typer.Exit(code=1)
     if outcome.final_accuracy is None:
@@ -51,8 +52,17 @@ def _report(outcome: RunOutcome, started: float) -> None:
 @app.command()
 def simulate(
     app_dir: Annotated[Path, typer.Argument(help="Flower app folder (with pyproject.toml).")],
-    preset: Annotated[str, typer.Option(help="Federation preset: name under configs/federation/ or a .toml path.")] = "cpu-10",
-    run_config: Annotated[list[str] | None, typer.Option("--run-config", "-c", help="Run config overrides ('k=v k=v') or a TOML file; repeatable.")] = None,
+    preset: Annotated[
+        str, typer.Option(help="Federation preset: name under configs/federation/ or a .toml path.")
+    ] = "cpu-10",
+    run_config: Annotated[
+        list[str] | None,
+        typer.Option(
+            "--run-config",
+            "-c",
+            help="Run config overrides ('k=v k=v') or a TOML file; repeatable.",
+        ),
+    ] = None,
     timeout: Annotated[float, typer.Option(help="Seconds before the run is stopped.")] = 1800.0,
 ) -> None:
     """Run an app on Flower's Ray simulation backend, offline, and report the outcome."""
@@ -64,7 +74,9 @@ def simulate(
     typer.echo(f"federation preset {preset_path.name}: {to_overrides(federation)}")
     try:
         with LocalSimulation() as sim:
-            outcome = sim.run(app_dir, federation, run_config=run_config, echo=_echo, timeout=timeout)
+            outcome = sim.run(
+                app_dir, federation, run_config=run_config, echo=_echo, timeout=timeout
+            )
     except GpuUnavailableError as err:
         typer.secho(f"error: {err}", fg=typer.colors.RED, err=True)
         raise typer.Exit(code=2) from None
@@ -79,16 +91,25 @@ def demo(
     if not DEMO_APP.is_dir():
         typer.secho(f"the demo app is not at {DEMO_APP}: run from a checkout", fg="red", err=True)
         raise typer.Exit(code=2)
-    simulate(DEMO_APP, preset="cpu-10",
-             run_config=[str(find_preset("demo", kind="run"))], timeout=timeout)
+    simulate(
+        DEMO_APP,
+        preset="cpu-10",
+        run_config=[str(find_preset("demo", kind="run"))],
+        timeout=timeout,
+    )
 
 
 @app.command()
 def deploy(
     app_dir: Annotated[Path, typer.Argument(help="Flower app folder (with pyproject.toml).")],
     supernodes: Annotated[int, typer.Option(help="SuperNodes to start.")] = 2,
-    run_config: Annotated[list[str] | None, typer.Option("--run-config", "-c", help="Run config overrides; repeatable.")] = None,
-    insecure: Annotated[bool, typer.Option(help="Plain HTTP instead of TLS with a local CA.")] = False,
+    run_config: Annotated[
+        list[str] | None,
+        typer.Option("--run-config", "-c", help="Run config overrides; repeatable."),
+    ] = None,
+    insecure: Annotated[
+        bool, typer.Option(help="Plain HTTP instead of TLS with a local CA.")
+    ] = False,
     timeout: Annotated[float, typer.Option(help="Seconds before the run is stopped.")] = 1800.0,
 ) -> None:
     """Start a SuperLink and SuperNodes on 127.0.0.1 (TLS), run an app, stop them all."""
@@ -102,7 +123,9 @@ def deploy(
 
 @app.command()
 def preset(
-    name: Annotated[str, typer.Argument(help="Preset name under configs/federation/ or a .toml path.")],
+    name: Annotated[
+        str, typer.Argument(help="Preset name under configs/federation/ or a .toml path.")
+    ],
 ) -> None:
     """Print a federation preset as a `flwr run --federation-config` string."""
     typer.echo(to_overrides(load_federation_preset(find_preset(name))))

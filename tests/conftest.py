@@ -39,10 +39,12 @@ def make_toy_client_app(dim: int = 4) -> ClientApp:
         weights = msg.content["arrays"]["w"].numpy()
         updated = weights + np.float32(pid + 1)
         return Message(
-            RecordDict({
-                "arrays": ArrayRecord({"w": Array(updated)}),
-                "metrics": MetricRecord({"num-examples": pid + 1, "calls": int(calls["n"])}),
-            }),
+            RecordDict(
+                {
+                    "arrays": ArrayRecord({"w": Array(updated)}),
+                    "metrics": MetricRecord({"num-examples": pid + 1, "calls": int(calls["n"])}),
+                }
+            ),
             reply_to=msg,
         )
 

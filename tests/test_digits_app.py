@@ -12,10 +12,12 @@ from digits_app.client_app import app as client_app
 
 from flower_privacy.testing import InProcessGrid
 
-DEFAULTS = tomllib.loads((DIGITS_APP / "pyproject.toml").read_text())["tool"]["flwr"]["app"]["config"]
+DEFAULTS = tomllib.loads((DIGITS_APP / "pyproject.toml").read_text())["tool"]["flwr"]["app"][
+    "config"
+]
 
 
-def _run(caplog, **overrides) -> float:  # noqa: ANN001
+def _run(caplog, **overrides) -> float:
     cfg = {**DEFAULTS, **overrides}
     grid = InProcessGrid(client_app, num_nodes=int(cfg["min-nodes"]), run_config=cfg)
     grid.run_server_app(server_app.app)
@@ -24,12 +26,12 @@ def _run(caplog, **overrides) -> float:  # noqa: ANN001
     return float(lines[-1].split(":")[1])
 
 
-def test_defaults_reach_the_accuracy_bar(caplog) -> None:  # noqa: ANN001
+def test_defaults_reach_the_accuracy_bar(caplog) -> None:
     assert DEFAULTS["partitioner"] == "dirichlet" and DEFAULTS["privacy"] == "none"
     assert _run(caplog) >= 0.90
 
 
-def test_clients_per_round_samples_exactly_that_many(caplog) -> None:  # noqa: ANN001
+def test_clients_per_round_samples_exactly_that_many(caplog) -> None:
     cfg = {**DEFAULTS, "clients-per-round": 3, "num-server-rounds": 2}
     grid = InProcessGrid(client_app, num_nodes=10, run_config=cfg)
     grid.run_server_app(server_app.app)
@@ -71,7 +73,7 @@ def test_bad_partitioner_and_partition_id_are_named() -> None:
         server_app.make_fedavg(5, 2)
 
 
-def test_a_downloadable_dataset_offline_gives_a_clear_error(monkeypatch) -> None:  # noqa: ANN001
+def test_a_downloadable_dataset_offline_gives_a_clear_error(monkeypatch) -> None:
     # HF_HUB_OFFLINE makes the hub fail at once, as it eventually does without network.
     import datasets
     import huggingface_hub

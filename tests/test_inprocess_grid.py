@@ -13,8 +13,13 @@ from flower_privacy.testing import InProcessGrid
 
 
 def _fedavg(n: int) -> FedAvg:
-    return FedAvg(fraction_train=1.0, fraction_evaluate=1.0, min_train_nodes=n,
-                  min_evaluate_nodes=n, min_available_nodes=n)
+    return FedAvg(
+        fraction_train=1.0,
+        fraction_evaluate=1.0,
+        min_train_nodes=n,
+        min_evaluate_nodes=n,
+        min_available_nodes=n,
+    )
 
 
 def test_fedavg_runs_and_averages_exactly() -> None:
@@ -36,14 +41,16 @@ def test_each_node_gets_its_own_copy_of_a_shared_message() -> None:
     app = ClientApp()
 
     @app.train()
-    def train(msg: Message, context) -> Message:  # noqa: ANN001
+    def train(msg: Message, context) -> Message:
         seen = float(msg.content["config"]["x"])
         msg.content["config"]["x"] = seen + 100.0  # a mod or app mutating its input
         return Message(RecordDict({"config": ConfigRecord({"seen": seen})}), reply_to=msg)
 
     grid = InProcessGrid(app, num_nodes=3)
     shared = RecordDict({"config": ConfigRecord({"x": 1.0})})
-    replies = grid.send_and_receive([Message(shared, node, "train") for node in grid.get_node_ids()])
+    replies = grid.send_and_receive(
+        [Message(shared, node, "train") for node in grid.get_node_ids()]
+    )
     assert [r.content["config"]["seen"] for r in replies] == [1.0, 1.0, 1.0]
     assert shared["config"]["x"] == 1.0
 
@@ -65,11 +72,15 @@ def test_drop_at_a_chosen_message() -> None:
     grid = InProcessGrid(make_toy_client_app(), num_nodes=2)
     victim = list(grid.get_node_ids())[0]
     grid.drop_node(victim, when=lambda m: m.content["config"].get("server-round") == 2)
-    strategy = FedAvg(fraction_train=1.0, min_train_nodes=1, min_available_nodes=1,
-                      fraction_evaluate=0.0)
+    strategy = FedAvg(
+        fraction_train=1.0, min_train_nodes=1, min_available_nodes=1, fraction_evaluate=0.0
+    )
     result = strategy.start(grid, initial_arrays(), num_rounds=3, timeout=10)
-    asked = [e.message.content["config"]["server-round"]
-             for e in grid.transcript if e.direction == "to-node" and e.node_id == victim]
+    asked = [
+        e.message.content["config"]["server-round"]
+        for e in grid.transcript
+        if e.direction == "to-node" and e.node_id == victim
+    ]
     answered = [e for e in grid.transcript if e.direction == "from-node" and e.node_id == victim]
     assert asked == [1, 2] and len(answered) == 1  # offline from round 2: unlisted after
     assert result.arrays["w"].numpy()[0] > 0
@@ -86,8 +97,10 @@ def test_intercept_lets_a_test_play_a_malicious_server() -> None:
 
     grid.intercept(tamper)
     content = RecordDict({"arrays": initial_arrays(), "config": ConfigRecord()})
-    replies = {r.metadata.src_node_id: r for r in grid.send_and_receive(
-        [Message(content, n, "train") for n in grid.get_node_ids()])}
+    replies = {
+        r.metadata.src_node_id: r
+        for r in grid.send_and_receive([Message(content, n, "train") for n in grid.get_node_ids()])
+    }
     assert replies[target].content["arrays"]["w"].numpy()[0] == 52.0
     to_target = [e for e in grid.transcript if e.direction == "to-node" and e.node_id == target]
     assert to_target[0].message.content["arrays"]["w"].numpy()[0] == 50.0
@@ -97,7 +110,7 @@ def test_client_app_exception_becomes_an_error_reply() -> None:
     app = ClientApp()
 
     @app.train()
-    def train(msg: Message, context) -> Message:  # noqa: ANN001
+    def train(msg: Message, context) -> Message:
         raise RuntimeError("disk on fire")
 
     grid = InProcessGrid(app, num_nodes=1)

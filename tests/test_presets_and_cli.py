@@ -15,29 +15,33 @@ from flower_privacy.harness import presets
 
 FEDERATION_PRESETS = sorted((REPO_ROOT / "configs" / "federation").glob("*.toml"))
 RUN_PRESETS = sorted((REPO_ROOT / "configs" / "run").glob("*.toml"))
-APP_KEYS = set(tomllib.loads((DIGITS_APP / "pyproject.toml").read_text())["tool"]["flwr"]["app"]["config"])
+APP_KEYS = set(
+    tomllib.loads((DIGITS_APP / "pyproject.toml").read_text())["tool"]["flwr"]["app"]["config"]
+)
 
 
 def test_presets_exist() -> None:
     assert len(FEDERATION_PRESETS) >= 4 and RUN_PRESETS
-    gpu = [p for p in FEDERATION_PRESETS if presets.gpus_requested(presets.load_federation_preset(p))]
+    gpu = [
+        p for p in FEDERATION_PRESETS if presets.gpus_requested(presets.load_federation_preset(p))
+    ]
     assert {presets.gpus_requested(presets.load_federation_preset(p)) for p in gpu} >= {0.5, 0.25}
 
 
 @pytest.mark.parametrize("path", FEDERATION_PRESETS, ids=lambda p: p.stem)
-def test_federation_preset_parses_like_flwr_run(path) -> None:  # noqa: ANN001
+def test_federation_preset_parses_like_flwr_run(path) -> None:
     values = presets.load_federation_preset(path)
     assert isinstance(values["num-supernodes"], int) and values["num-supernodes"] >= 10
     assert isinstance(values["client-resources-num-cpus"], int)
 
 
 @pytest.mark.parametrize("path", RUN_PRESETS, ids=lambda p: p.stem)
-def test_run_preset_keys_exist_in_the_app(path) -> None:  # noqa: ANN001
+def test_run_preset_keys_exist_in_the_app(path) -> None:
     keys = set(tomllib.loads(path.read_text()))
     assert keys <= APP_KEYS, f"{path.name}: unknown run-config keys {keys - APP_KEYS}"
 
 
-def test_flwr_rejects_what_a_preset_must_not_contain(tmp_path) -> None:  # noqa: ANN001
+def test_flwr_rejects_what_a_preset_must_not_contain(tmp_path) -> None:
     bad = tmp_path / "bad.toml"
     bad.write_text("num-supernodes = 'ten'\n")
     with pytest.raises(ValueError, match="num-supernodes"):
@@ -50,10 +54,12 @@ def test_flwr_rejects_what_a_preset_must_not_contain(tmp_path) -> None:  # noqa:
         presets.find_preset("no-such-preset")
 
 
-def test_gpu_preset_is_refused_at_once_without_a_gpu(monkeypatch) -> None:  # noqa: ANN001
+def test_gpu_preset_is_refused_at_once_without_a_gpu(monkeypatch) -> None:
     values = presets.load_federation_preset(presets.find_preset("gpu-quarter"))
     monkeypatch.setattr(presets, "gpu_available", lambda: False)
-    with pytest.raises(presets.GpuUnavailableError, match="client-resources-num-gpus=0.25 .* no CUDA GPU"):
+    with pytest.raises(
+        presets.GpuUnavailableError, match="client-resources-num-gpus=0.25 .* no CUDA GPU"
+    ):
         presets.check_gpu(values, "gpu-quarter")
     monkeypatch.setattr(presets, "gpu_available", lambda: True)
     presets.check_gpu(values, "gpu-quarter")  # accepted where a GPU exists
@@ -68,9 +74,13 @@ def test_joining_a_ray_cluster_drops_init_args() -> None:
 
 
 def _cli(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "flower_privacy.cli", *args],
-                          capture_output=True, text=True, timeout=120,
-                          env={**os.environ, **(env or {})})
+    return subprocess.run(
+        [sys.executable, "-m", "flower_privacy.cli", *args],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env={**os.environ, **(env or {})},
+    )
 
 
 def test_cli_help_lists_the_commands() -> None:
@@ -92,7 +102,9 @@ def test_cli_preset_prints_the_federation_config_string() -> None:
 def test_cli_simulate_with_a_gpu_preset_fails_within_seconds_naming_the_gpu() -> None:
     # Hiding every GPU makes this the GPU-less path on any machine.
     t0 = time.monotonic()
-    res = _cli("simulate", str(DIGITS_APP), "--preset", "gpu-half", env={"CUDA_VISIBLE_DEVICES": ""})
+    res = _cli(
+        "simulate", str(DIGITS_APP), "--preset", "gpu-half", env={"CUDA_VISIBLE_DEVICES": ""}
+    )
     assert res.returncode == 2
     assert "no CUDA GPU" in res.stderr
     assert time.monotonic() - t0 < 30

@@ -17,11 +17,16 @@ from flower_privacy.testing import InProcessGrid
 
 
 def _fedavg(n: int, min_train: int | None = None) -> FedAvg:
-    return FedAvg(fraction_train=1.0, fraction_evaluate=1.0, min_train_nodes=min_train or n,
-                  min_evaluate_nodes=1, min_available_nodes=1)
+    return FedAvg(
+        fraction_train=1.0,
+        fraction_evaluate=1.0,
+        min_train_nodes=min_train or n,
+        min_evaluate_nodes=1,
+        min_available_nodes=1,
+    )
 
 
-def _app_with(update_fn) -> ClientApp:  # noqa: ANN001
+def _app_with(update_fn) -> ClientApp:
     """A ClientApp whose update is ``update_fn(partition_id, server_round, weights)``."""
     app = ClientApp()
 
@@ -30,15 +35,22 @@ def _app_with(update_fn) -> ClientApp:  # noqa: ANN001
         pid = int(context.node_config["partition-id"])
         rnd = int(msg.content["config"]["server-round"])
         arrays = update_fn(pid, rnd, msg.content["arrays"]["w"].numpy())
-        return Message(RecordDict({
-            "arrays": ArrayRecord({k: Array(v) for k, v in arrays.items()}),
-            "metrics": MetricRecord({"num-examples": 1}),
-        }), reply_to=msg)
+        return Message(
+            RecordDict(
+                {
+                    "arrays": ArrayRecord({k: Array(v) for k, v in arrays.items()}),
+                    "metrics": MetricRecord({"num-examples": 1}),
+                }
+            ),
+            reply_to=msg,
+        )
 
     @app.evaluate()
     def evaluate(msg: Message, context: Context) -> Message:
-        return Message(RecordDict({"metrics": MetricRecord({"num-examples": 1, "eval-acc": 1.0})}),
-                       reply_to=msg)
+        return Message(
+            RecordDict({"metrics": MetricRecord({"num-examples": 1, "eval-acc": 1.0})}),
+            reply_to=msg,
+        )
 
     return app
 
@@ -63,7 +75,9 @@ def test_a_round_with_only_errors_halts_the_run_instead_of_reusing_the_model() -
 
     strategy = StrictRounds(_fedavg(2))
     with pytest.raises(RunHaltedError, match="round 2 failed") as info:
-        strategy.start(InProcessGrid(_app_with(update), num_nodes=2), initial_arrays(), num_rounds=4)
+        strategy.start(
+            InProcessGrid(_app_with(update), num_nodes=2), initial_arrays(), num_rounds=4
+        )
     result = info.value.result
     assert list(result.failed_rounds) == [2]
     assert "lost its data" in result.failed_rounds[2]
@@ -92,7 +106,9 @@ def test_tolerated_failures_are_recorded_and_the_run_goes_on() -> None:
 
     with pytest.raises(RunHaltedError, match="2 consecutive failed round"):
         StrictRounds(_fedavg(2), max_failed_rounds=1).start(
-            InProcessGrid(_app_with(always_fail_after_1), num_nodes=2), initial_arrays(), num_rounds=5
+            InProcessGrid(_app_with(always_fail_after_1), num_nodes=2),
+            initial_arrays(),
+            num_rounds=5,
         )
 
 
@@ -105,7 +121,9 @@ def test_tolerated_failures_are_recorded_and_the_run_goes_on() -> None:
         (lambda w: {"w": w.astype(np.float64)}, "wrong shape or dtype ['w']"),
     ],
 )
-def test_malformed_replies_are_rejected_naming_node_and_problem(bad_update, expected, caplog) -> None:  # noqa: ANN001
+def test_malformed_replies_are_rejected_naming_node_and_problem(
+    bad_update, expected, caplog
+) -> None:
     def update(pid: int, rnd: int, w: np.ndarray) -> dict:
         return bad_update(w) if pid == 0 else {"w": w + 1}
 
@@ -127,13 +145,12 @@ def test_silent_nodes_are_named_and_survivors_carry_the_round(caplog) -> None:
     grid.drop_node(1003, unlist=False)  # listed but dead, as right after a crash
     result = StrictRounds(_fedavg(3, min_train=2)).start(grid, initial_arrays(), num_rounds=2)
     assert not result.failed_rounds
-    assert "no reply from node(s) [1003]" in caplog.text
+    assert "no training reply from node(s) [1003]" in caplog.text
+    assert "no evaluation reply from node(s) [1003]" in caplog.text
 
 
 def test_too_few_nodes_ends_the_run_within_the_wait_bound() -> None:
-    strategy = StrictRounds(
-        FedAvg(min_train_nodes=2, min_available_nodes=5), node_wait_timeout=0.5
-    )
+    strategy = StrictRounds(FedAvg(min_train_nodes=2, min_available_nodes=5), node_wait_timeout=0.5)
     t0 = time.monotonic()
     with pytest.raises(RunHaltedError, match="only 2 node"):
         strategy.start(InProcessGrid(make_toy_client_app(), num_nodes=2), initial_arrays())
@@ -148,7 +165,9 @@ def test_central_evaluation_is_recorded_for_round_zero_and_each_round() -> None:
         return MetricRecord({"accuracy": float(arrays["w"].numpy()[0])})
 
     result = StrictRounds(_fedavg(2)).start(
-        InProcessGrid(make_toy_client_app(), num_nodes=2), initial_arrays(), num_rounds=2,
+        InProcessGrid(make_toy_client_app(), num_nodes=2),
+        initial_arrays(),
+        num_rounds=2,
         evaluate_fn=evaluate_fn,
     )
     assert seen == [0, 1, 2] and sorted(result.evaluate_metrics_serverapp) == [0, 1, 2]

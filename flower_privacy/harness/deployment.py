@@ -33,7 +33,11 @@ class LocalDeployment:
     """
 
     def __init__(
-        self, num_supernodes: int, *, tls: bool = True, workdir: Path | None = None,
+        self,
+        num_supernodes: int,
+        *,
+        tls: bool = True,
+        workdir: Path | None = None,
         startup_timeout: float = 60.0,
     ) -> None:
         if num_supernodes < 1:
@@ -53,37 +57,60 @@ class LocalDeployment:
     def _spawn(self, args: list[str], log_name: str) -> subprocess.Popen:
         log = (self.workdir / log_name).open("w")
         self._logs.append(log)
-        return subprocess.Popen(args, stdout=log, stderr=subprocess.STDOUT, env=self.cli.env,
-                                start_new_session=True)
+        return subprocess.Popen(
+            args, stdout=log, stderr=subprocess.STDOUT, env=self.cli.env, start_new_session=True
+        )
 
     def __enter__(self) -> LocalDeployment:
         try:
             security = ["--insecure"]
             if self.tls:
                 self.tls_files = make_tls_files(self.workdir / "tls")
-                security = ["--ssl-certfile", str(self.tls_files.server_certificate),
-                            "--ssl-keyfile", str(self.tls_files.server_key),
-                            "--ssl-ca-certfile", str(self.tls_files.ca_certificate)]
+                security = [
+                    "--ssl-certfile",
+                    str(self.tls_files.server_certificate),
+                    "--ssl-keyfile",
+                    str(self.tls_files.server_key),
+                    "--ssl-ca-certfile",
+                    str(self.tls_files.ca_certificate),
+                ]
             self.superlink = self._spawn(
-                [command("flower-superlink"), *security, "--host", "127.0.0.1",
-                 "--port", str(self.port), "--disable-runtime-dependency-installation"],
+                [
+                    command("flower-superlink"),
+                    *security,
+                    "--host",
+                    "127.0.0.1",
+                    "--port",
+                    str(self.port),
+                    "--disable-runtime-dependency-installation",
+                ],
                 "superlink.log",
             )
             wait_for_port(self.port, timeout=self.startup_timeout, process=self.superlink)
             node_security = (
                 ["--root-certificates", str(self.tls_files.ca_certificate)]
-                if self.tls_files else ["--insecure"]
+                if self.tls_files
+                else ["--insecure"]
             )
             for index in range(self.num_supernodes):
-                self.supernodes.append(self._spawn(
-                    [command("flower-supernode"), *node_security,
-                     "--superlink", f"127.0.0.1:{self.port}", "--port", str(free_port()),
-                     "--node-config",
-                     f"partition-id={index} num-partitions={self.num_supernodes}"],
-                    f"supernode-{index}.log",
-                ))
+                self.supernodes.append(
+                    self._spawn(
+                        [
+                            command("flower-supernode"),
+                            *node_security,
+                            "--superlink",
+                            f"127.0.0.1:{self.port}",
+                            "--port",
+                            str(free_port()),
+                            "--node-config",
+                            f"partition-id={index} num-partitions={self.num_supernodes}",
+                        ],
+                        f"supernode-{index}.log",
+                    )
+                )
             self.cli.add_connection(
-                CONNECTION, f"127.0.0.1:{self.port}",
+                CONNECTION,
+                f"127.0.0.1:{self.port}",
                 root_certificates=self.tls_files.ca_certificate if self.tls_files else None,
             )
         except BaseException:
@@ -107,7 +134,10 @@ class LocalDeployment:
         return (self.workdir / name).read_text(errors="replace")
 
     def __exit__(
-        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
     ) -> None:
         for process in self.supernodes:
             if process is not None:
@@ -132,5 +162,11 @@ class LocalDeployment:
         on_line: Callable[[str, int | None], None] | None = None,
     ) -> RunOutcome:
         """Run ``app_dir`` on this deployment; returns the outcome read from ``flwr ls``."""
-        return self.cli.run(Path(app_dir), CONNECTION, run_config=run_config, echo=echo,
-                            timeout=timeout, on_line=on_line)
+        return self.cli.run(
+            Path(app_dir),
+            CONNECTION,
+            run_config=run_config,
+            echo=echo,
+            timeout=timeout,
+            on_line=on_line,
+        )

@@ -106,7 +106,11 @@ class FlowerCli:
         t_start = time.monotonic()
         outcome = RunOutcome(run_id=None, status="not-started")
         proc = subprocess.Popen(
-            cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=self.env,
+            cmd,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+            env=self.env,
             start_new_session=True,
         )
         assert proc.stdout is not None
@@ -118,7 +122,7 @@ class FlowerCli:
                     echo(line)
                 if outcome.run_id is None and (match := _RUN_STARTED.search(line)):
                     outcome.run_id = int(match.group(1))
-                if (match := _FINAL_ACCURACY.search(line)):
+                if match := _FINAL_ACCURACY.search(line):
                     outcome.final_accuracy = float(match.group(1))
                 if on_line:
                     on_line(line, outcome.run_id)
@@ -128,7 +132,9 @@ class FlowerCli:
                         self.stop(outcome.run_id, connection)
                         proc.terminate()
                 if time.monotonic() - t_start > timeout:
-                    outcome.fatal_reason = f"the run exceeded the harness timeout of {timeout:.0f} s"
+                    outcome.fatal_reason = (
+                        f"the run exceeded the harness timeout of {timeout:.0f} s"
+                    )
                     self.stop(outcome.run_id, connection)
                     proc.terminate()
             proc.wait(timeout=30)
@@ -148,7 +154,10 @@ class FlowerCli:
         """(status, status-details) of a run from ``flwr ls --format json``."""
         res = subprocess.run(
             [command("flwr"), "ls", connection, "--run-id", str(run_id), "--format", "json"],
-            capture_output=True, text=True, env=self.env, timeout=60,
+            capture_output=True,
+            text=True,
+            env=self.env,
+            timeout=60,
         )
         try:
             payload = json.loads(res.stdout)
@@ -161,7 +170,9 @@ class FlowerCli:
             raise RuntimeError(f"flwr ls does not know run {run_id}")
         return str(runs[0]["status"]), str(runs[0].get("status-details", ""))
 
-    def wait_finished(self, run_id: int, connection: str, timeout: float = 120.0) -> tuple[str, str]:
+    def wait_finished(
+        self, run_id: int, connection: str, timeout: float = 120.0
+    ) -> tuple[str, str]:
         """Poll until the run's status is ``finished:*`` (or ``timeout`` passes)."""
         deadline = time.monotonic() + timeout
         status, details = self.status(run_id, connection)
@@ -176,5 +187,8 @@ class FlowerCli:
             return
         subprocess.run(
             [command("flwr"), "stop", str(run_id), connection],
-            capture_output=True, text=True, env=self.env, timeout=60,
+            capture_output=True,
+            text=True,
+            env=self.env,
+            timeout=60,
         )

@@ -13,9 +13,18 @@ from pathlib import Path
 
 # Command-line fragments of every process a run may leave behind.
 FLOWER_PROCESS_MARKERS = (
-    "flower-superlink", "flower-supernode", "flower-superexec", "flwr-serverapp",
-    "flwr-clientapp", "flwr-simulation", "raylet", "gcs_server", "ray::", "ray/dashboard",
-    "ray/_private/log_monitor", "ray/autoscaler",
+    "flower-superlink",
+    "flower-supernode",
+    "flower-superexec",
+    "flwr-serverapp",
+    "flwr-clientapp",
+    "flwr-simulation",
+    "raylet",
+    "gcs_server",
+    "ray::",
+    "ray/dashboard",
+    "ray/_private/log_monitor",
+    "ray/autoscaler",
 )
 
 

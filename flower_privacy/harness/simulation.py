@@ -10,7 +10,6 @@ private ``FLWR_HOME``, and stops everything it started.
 from __future__ import annotations
 
 import logging
-import os
 import subprocess
 import tempfile
 from collections.abc import Callable
@@ -34,12 +33,17 @@ class LocalSimulation:
     ...     outcome = sim.run("apps/digits", {"num-supernodes": 10})
     """
 
-    def __init__(self, workdir: Path | None = None, startup_timeout: float = 60.0) -> None:
+    def __init__(
+        self,
+        workdir: Path | None = None,
+        startup_timeout: float = 60.0,
+        extra_env: dict[str, str] | None = None,
+    ) -> None:
         self._tmp = None if workdir else tempfile.TemporaryDirectory(prefix="flower-privacy-")
         self.workdir = Path(workdir) if workdir else Path(self._tmp.name)
         self.port = free_port()
         self.startup_timeout = startup_timeout
-        self.cli = FlowerCli(self.workdir / "flwr-home")
+        self.cli = FlowerCli(self.workdir / "flwr-home", extra_env=extra_env)
         self.process: subprocess.Popen | None = None
         self.log_path = self.workdir / "superlink.log"
 
@@ -47,10 +51,20 @@ class LocalSimulation:
         self.cli.add_connection(CONNECTION, f"127.0.0.1:{self.port}")
         self._log = self.log_path.open("w")
         self.process = subprocess.Popen(
-            [command("flower-superlink"), "--insecure", "--simulation",
-             "--host", "127.0.0.1", "--port", str(self.port),
-             "--disable-runtime-dependency-installation"],
-            stdout=self._log, stderr=subprocess.STDOUT, env=self.cli.env, start_new_session=True,
+            [
+                command("flower-superlink"),
+                "--insecure",
+                "--simulation",
+                "--host",
+                "127.0.0.1",
+                "--port",
+                str(self.port),
+                "--disable-runtime-dependency-installation",
+            ],
+            stdout=self._log,
+            stderr=subprocess.STDOUT,
+            env=self.cli.env,
+            start_new_session=True,
         )
         try:
             wait_for_port(self.port, timeout=self.startup_timeout, process=self.process)
@@ -62,7 +76,10 @@ class LocalSimulation:
         return self
 
     def __exit__(
-        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
     ) -> None:
         if self.process is not None:
             stop_process_tree(self.process)
@@ -80,6 +97,7 @@ class LocalSimulation:
         run_config: list[str] | None = None,
         echo: Callable[[str], None] | None = None,
         timeout: float = 1800.0,
+        on_line: Callable[[str, int | None], None] | None = None,
     ) -> RunOutcome:
         """Run ``app_dir`` with the federation settings ``federation``.
 
@@ -88,12 +106,17 @@ class LocalSimulation:
         are dropped (Ray refuses them when joining).
         """
         check_gpu(federation, "the federation config")
-        if os.environ.get("RAY_ADDRESS"):
+        if self.cli.env.get("RAY_ADDRESS"):
             dropped = sorted(set(federation) - set(for_existing_ray_cluster(federation)))
             if dropped:
                 logger.warning("RAY_ADDRESS is set: joining that cluster, ignoring %s", dropped)
             federation = for_existing_ray_cluster(federation)
         return self.cli.run(
-            Path(app_dir), CONNECTION, federation_config=to_overrides(federation),
-            run_config=run_config, echo=echo, timeout=timeout,
+            Path(app_dir),
+            CONNECTION,
+            federation_config=to_overrides(federation),
+            run_config=run_config,
+            echo=echo,
+            timeout=timeout,
+            on_line=on_line,
         )

@@ -57,7 +57,8 @@ class StrictRounds(Strategy):
     ) -> None:
         if not isinstance(strategy, Strategy):
             raise TypeError(
-                f"strategy must be a flwr.serverapp.strategy.Strategy, got {type(strategy).__name__}"
+                "strategy must be a flwr.serverapp.strategy.Strategy, "
+                f"got {type(strategy).__name__}"
             )
         if min_train_replies is None:
             min_train_replies = int(getattr(strategy, "min_train_nodes", 1))
@@ -72,6 +73,7 @@ class StrictRounds(Strategy):
         self.max_failed_rounds = max_failed_rounds
         self.node_wait_timeout = node_wait_timeout
         self._sent_to: dict[int, list[int]] = {}
+        self._evaluated_by: dict[int, list[int]] = {}
         self._expected_shapes: dict[str, tuple[tuple[int, ...], str]] = {}
 
     # -- the five Strategy methods -------------------------------------------------
@@ -103,10 +105,7 @@ class StrictRounds(Strategy):
         """Drop unusable replies (naming the node), aggregate, fail loudly if too few."""
         replies = list(replies)
         sent_to = self._sent_to.get(server_round, [])
-        replied = {m.metadata.src_node_id for m in replies}
-        silent = [node for node in sent_to if node not in replied]
-        if silent:
-            log(WARNING, "round %d: no reply from node(s) %s before the timeout", server_round, silent)
+        silent = self._log_silent_nodes(server_round, "training", sent_to, replies)
 
         usable: list[Message] = []
         problems: list[str] = []
@@ -116,8 +115,13 @@ class StrictRounds(Strategy):
                 usable.append(reply)
             else:
                 problems.append(f"node {reply.metadata.src_node_id}: {problem}")
-                log(ERROR, "round %d: rejected reply of node %s: %s",
-                    server_round, reply.metadata.src_node_id, problem)
+                log(
+                    ERROR,
+                    "round %d: rejected reply of node %s: %s",
+                    server_round,
+                    reply.metadata.src_node_id,
+                    problem,
+                )
         if len(usable) < self.min_train_replies:
             detail = "; ".join(problems) if problems else "no errors reported"
             if silent:
@@ -141,23 +145,33 @@ class StrictRounds(Strategy):
     def configure_evaluate(
         self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
     ) -> Iterable[Message]:
-        """Delegate to the inner strategy."""
-        return self.strategy.configure_evaluate(server_round, arrays, config, grid)
+        """Delegate to the inner strategy, remembering whom it asked."""
+        messages = list(self.strategy.configure_evaluate(server_round, arrays, config, grid))
+        self._evaluated_by[server_round] = [m.metadata.dst_node_id for m in messages]
+        return messages
 
     def aggregate_evaluate(
         self, server_round: int, replies: Iterable[Message]
     ) -> MetricRecord | None:
         """Delegate to the inner strategy, logging error replies by node."""
         replies = list(replies)
+        self._log_silent_nodes(
+            server_round, "evaluation", self._evaluated_by.get(server_round, []), replies
+        )
         for reply in replies:
             if reply.has_error():
-                log(WARNING, "round %d: evaluation failed on node %s: %s",
-                    server_round, reply.metadata.src_node_id, reply.error.reason)
+                log(
+                    WARNING,
+                    "round %d: evaluation failed on node %s: %s",
+                    server_round,
+                    reply.metadata.src_node_id,
+                    reply.error.reason,
+                )
         return self.strategy.aggregate_evaluate(server_round, replies)
 
     # -- the loop ------------------------------------------------------------------
 
-    def start(  # noqa: PLR0913 - mirrors Strategy.start
+    def start(
         self,
         grid: Grid,
         initial_arrays: ArrayRecord,
@@ -201,7 +215,10 @@ class StrictRounds(Strategy):
                 result.failed_rounds[server_round] = reason
                 log(ERROR, "[ROUND %s] FAILED: %s (global model not updated)", server_round, reason)
                 consecutive_failures += 1
-                if isinstance(err, NotEnoughNodesError) or consecutive_failures > self.max_failed_rounds:
+                if (
+                    isinstance(err, NotEnoughNodesError)
+                    or consecutive_failures > self.max_failed_rounds
+                ):
                     result.halt_reason = (
                         f"round {server_round} failed ({reason}) after "
                         f"{consecutive_failures} consecutive failed round(s); "
@@ -255,6 +272,22 @@ class StrictRounds(Strategy):
             raise RoundFailedError(server_round, "aggregation returned no model")
         return new_arrays, metrics
 
+    @staticmethod
+    def _log_silent_nodes(
+        server_round: int, stage: str, asked: list[int], replies: list[Message]
+    ) -> list[int]:
+        replied = {m.metadata.src_node_id for m in replies}
+        silent = [node for node in asked if node not in replied]
+        if silent:
+            log(
+                WARNING,
+                "round %d: no %s reply from node(s) %s before the timeout (node down or too slow)",
+                server_round,
+                stage,
+                silent,
+            )
+        return silent
+
     def _wait_for_nodes(self, grid: Grid) -> None:
         needed = int(getattr(self.strategy, "min_available_nodes", 1))
         deadline = time.monotonic() + self.node_wait_timeout
@@ -280,7 +313,8 @@ class StrictRounds(Strategy):
             missing = sorted(set(self._expected_shapes) - set(received))
             extra = sorted(set(received) - set(self._expected_shapes))
             wrong = sorted(
-                key for key in set(received) & set(self._expected_shapes)
+                key
+                for key in set(received) & set(self._expected_shapes)
                 if received[key] != self._expected_shapes[key]
             )
             return (

@@ -14,8 +14,7 @@ from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from typing import Literal
 
-from flwr.app import Context, Error, Message, RecordDict
-from flwr.app.user_config import UserConfig
+from flwr.app import Context, Error, Message, RecordDict, UserConfig
 from flwr.clientapp import ClientApp
 from flwr.serverapp import Grid, ServerApp
 
@@ -96,7 +95,9 @@ class InProcessGrid(Grid):
 
     # -- test controls ---------------------------------------------------------------
 
-    def drop_node(self, node_id: int, *, when: MessageFilter | None = None, unlist: bool = True) -> None:
+    def drop_node(
+        self, node_id: int, *, when: MessageFilter | None = None, unlist: bool = True
+    ) -> None:
         """Take ``node_id`` offline, now or at the first message matching ``when``.
 
         An offline node never replies (as after a timeout). With ``unlist`` it also
@@ -136,11 +137,11 @@ class InProcessGrid(Grid):
 
     # -- Grid API ---------------------------------------------------------------------
 
-    def set_run(self, run) -> None:  # noqa: ANN001 - flwr's Run type lives in internals
+    def set_run(self, run) -> None:
         self._run = run
 
     @property
-    def run(self):  # noqa: ANN201
+    def run(self):
         return self._run
 
     def create_message(
@@ -157,7 +158,11 @@ class InProcessGrid(Grid):
         return [
             node_id
             for node_id in self.contexts
-            if not (node_id in self._drops and self._drops[node_id].active and self._drops[node_id].unlist)
+            if not (
+                node_id in self._drops
+                and self._drops[node_id].active
+                and self._drops[node_id].unlist
+            )
         ]
 
     def push_messages(self, messages: Iterable[Message]) -> Iterable[str]:
@@ -206,14 +211,20 @@ class InProcessGrid(Grid):
     def _deliver(self, message: Message, context: Context) -> Message:
         try:
             reply = self.client_app(message, context)
-        except Exception as err:  # noqa: BLE001 - a ClientApp failure becomes an error reply
+        except Exception as err:
             reason = f"{type(err).__name__}: {err}\n{traceback.format_exc(limit=5)}"
-            reply = Message(Error(code=compat.ErrorCode.CLIENT_APP_RAISED_EXCEPTION, reason=reason),
-                            reply_to=message)
+            reply = Message(
+                Error(code=compat.ErrorCode.CLIENT_APP_RAISED_EXCEPTION, reason=reason),
+                reply_to=message,
+            )
         compat.assign_message_id(reply)
         return reply
 
-    def _record(self, direction: Literal["to-node", "from-node"], node_id: int, message: Message) -> None:
+    def _record(
+        self, direction: Literal["to-node", "from-node"], node_id: int, message: Message
+    ) -> None:
         self.transcript.append(
-            TranscriptEntry(direction, node_id, message.metadata.message_type, copy.deepcopy(message))
+            TranscriptEntry(
+                direction, node_id, message.metadata.message_type, copy.deepcopy(message)
+            )
         )

@@ -11,7 +11,7 @@ from digits_app.task import Net, evaluate, load_partition, model_shape, train
 app = ClientApp()
 
 
-def _data(context: Context):  # noqa: ANN202
+def _data(context: Context):
     cfg = context.run_config
     return load_partition(
         str(cfg["dataset"]),
@@ -37,16 +37,20 @@ def train_fn(msg: Message, context: Context) -> Message:
     cfg = context.run_config
     server_round = int(msg.content["config"].get("server-round", 0))
     loss = train(
-        net, train_data,
-        epochs=int(cfg["local-epochs"]), batch_size=int(cfg["batch-size"]),
+        net,
+        train_data,
+        epochs=int(cfg["local-epochs"]),
+        batch_size=int(cfg["batch-size"]),
         lr=float(cfg["learning-rate"]),
         seed=int(cfg["seed"]) * 100_003 + server_round * 1009 + context.node_id % 1009,
     )
     state = {k: v.detach().cpu() for k, v in net.state_dict().items()}
-    content = RecordDict({
-        "arrays": ArrayRecord(state),
-        "metrics": MetricRecord({"train-loss": loss, "num-examples": len(train_data)}),
-    })
+    content = RecordDict(
+        {
+            "arrays": ArrayRecord(state),
+            "metrics": MetricRecord({"train-loss": loss, "num-examples": len(train_data)}),
+        }
+    )
     return Message(content=content, reply_to=msg)
 
 
@@ -56,11 +60,13 @@ def evaluate_fn(msg: Message, context: Context) -> Message:
     _, test_data = _data(context)
     net = _model(msg, context)
     loss, accuracy = evaluate(net, test_data)
-    content = RecordDict({
-        "metrics": MetricRecord(
-            {"eval-loss": loss, "eval-acc": accuracy, "num-examples": len(test_data)}
-        ),
-    })
+    content = RecordDict(
+        {
+            "metrics": MetricRecord(
+                {"eval-loss": loss, "eval-acc": accuracy, "num-examples": len(test_data)}
+            ),
+        }
+    )
     return Message(content=content, reply_to=msg)
 
 

@@ -35,9 +35,7 @@ def make_fedavg(clients_per_round: int, min_nodes: int) -> FedAvg:
     if min_nodes < 1:
         raise ValueError(f"min-nodes must be >= 1, got {min_nodes}")
     if clients_per_round > min_nodes:
-        raise ValueError(
-            f"clients-per-round ({clients_per_round}) exceeds min-nodes ({min_nodes})"
-        )
+        raise ValueError(f"clients-per-round ({clients_per_round}) exceeds min-nodes ({min_nodes})")
     if clients_per_round == 0:
         # Every connected node trains; a round needs two replies (or one, alone).
         fraction, minimum = 1.0, min(2, min_nodes)

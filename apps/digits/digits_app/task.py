@@ -41,8 +41,10 @@ class Net(nn.Module):
     def __init__(self, in_features: int, num_classes: int, hidden: int = 64) -> None:
         super().__init__()
         self.layers = nn.Sequential(
-            nn.Linear(in_features, hidden), nn.ReLU(),
-            nn.Linear(hidden, hidden), nn.ReLU(),
+            nn.Linear(in_features, hidden),
+            nn.ReLU(),
+            nn.Linear(hidden, hidden),
+            nn.ReLU(),
             nn.Linear(hidden, num_classes),
         )
 
@@ -64,7 +66,7 @@ def train(net: Net, data: Split, *, epochs: int, batch_size: int, lr: float, see
         order = torch.randperm(len(y), generator=generator).to(dev)
         total, count = 0.0, 0
         for start in range(0, len(y), batch_size):
-            idx = order[start:start + batch_size]
+            idx = order[start : start + batch_size]
             optimizer.zero_grad()
             loss = loss_fn(net(x[idx]), y[idx])
             loss.backward()
@@ -89,6 +91,7 @@ def evaluate(net: Net, data: Split) -> tuple[float, float]:
 
 # -- data ---------------------------------------------------------------------------
 
+
 @functools.lru_cache(maxsize=4)
 def _sklearn_digits() -> tuple[Split, Split]:
     from sklearn.datasets import load_digits
@@ -103,11 +106,11 @@ def _sklearn_digits() -> tuple[Split, Split]:
     return Split(x[rest], y[rest]), Split(x[test], y[test])
 
 
-def _numpy_split(ds) -> Split:  # noqa: ANN001 - a datasets.Dataset in numpy format
+def _numpy_split(ds) -> Split:
     return Split(np.asarray(ds["x"], dtype=np.float32), np.asarray(ds["label"], dtype=np.int64))
 
 
-def _hf_to_split(ds) -> Split:  # noqa: ANN001 - a datasets.Dataset
+def _hf_to_split(ds) -> Split:
     columns = ds.column_names
     image_col = next((c for c in ("image", "img", "pixel_values") if c in columns), None)
     label_col = next((c for c in ("label", "labels", "fine_label") if c in columns), None)
@@ -117,7 +120,7 @@ def _hf_to_split(ds) -> Split:  # noqa: ANN001 - a datasets.Dataset
     return Split(x.astype(np.float32), np.asarray(ds[label_col], dtype=np.int64))
 
 
-def _make_partitioner(partitioner: str, num_partitions: int, alpha: float, seed: int):  # noqa: ANN202
+def _make_partitioner(partitioner: str, num_partitions: int, alpha: float, seed: int):
     from flwr_datasets.partitioner import DirichletPartitioner, IidPartitioner
 
     if partitioner == "iid":
@@ -126,8 +129,12 @@ def _make_partitioner(partitioner: str, num_partitions: int, alpha: float, seed:
         if not alpha > 0:
             raise ValueError(f"dirichlet-alpha must be > 0, got {alpha}")
         return DirichletPartitioner(
-            num_partitions=num_partitions, partition_by="label", alpha=alpha,
-            min_partition_size=10, self_balancing=False, seed=seed,
+            num_partitions=num_partitions,
+            partition_by="label",
+            alpha=alpha,
+            min_partition_size=10,
+            self_balancing=False,
+            seed=seed,
         )
     raise ValueError(f"partitioner must be one of {PARTITIONERS}, got {partitioner!r}")
 
@@ -161,7 +168,7 @@ def load_partition(
     try:
         fds = FederatedDataset(dataset=dataset, partitioners={"train": part})
         local = fds.load_partition(partition_id)
-    except Exception as err:  # noqa: BLE001 - any loader failure gets the same clear message
+    except Exception as err:
         raise _unavailable(dataset, err) from err
     split = local.train_test_split(test_size=0.2, seed=seed)
     return _hf_to_split(split["train"]), _hf_to_split(split["test"])
@@ -176,7 +183,7 @@ def load_server_test(dataset: str) -> Split:
         from datasets import load_dataset
 
         return _hf_to_split(load_dataset(dataset, split="test"))
-    except Exception as err:  # noqa: BLE001
+    except Exception as err:
         raise _unavailable(dataset, err) from err
 
 

@@ -1,0 +1,66 @@
+"""A real deployment: SuperLink and SuperNodes over TLS on 127.0.0.1, driven by `flwr run`."""
+
+from __future__ import annotations
+
+import time
+
+import pytest
+from conftest import DIGITS_APP
+
+from flower_privacy.harness.deployment import LocalDeployment
+
+pytestmark = [pytest.mark.deployment, pytest.mark.timeout(600)]
+
+
+def test_tls_deployment_runs_the_digits_app(no_leftover_processes, capsys) -> None:
+    round_started: list[float] = []
+
+    def watch(line: str, run_id: int | None) -> None:
+        if "[ROUND " in line or "Strategy execution finished" in line:
+            round_started.append(time.monotonic())
+
+    with LocalDeployment(2) as deployment:
+        outcome = deployment.run(
+            DIGITS_APP,
+            run_config=["num-server-rounds=2 min-nodes=2 round-timeout=120.0"],
+            timeout=420,
+            on_line=watch,
+        )
+        superlink_log = deployment.log("superlink.log")
+        assert deployment.tls_files is not None
+    assert outcome.completed, f"{outcome.status}: {outcome.details}\n" + "\n".join(
+        outcome.log[-40:]
+    )
+    assert "insecure" not in superlink_log.lower()
+    assert outcome.final_accuracy is not None and outcome.final_accuracy > 0.5
+    rounds = [b - a for a, b in zip(round_started, round_started[1:], strict=False)]
+    with capsys.disabled():
+        print(
+            f"\n[deployment] {len(rounds)} rounds, seconds per round: "
+            f"{', '.join(f'{r:.1f}' for r in rounds)}; run wall time {outcome.wall_seconds:.1f} s"
+        )
+
+
+def test_a_killed_supernode_is_survived_within_a_bound(no_leftover_processes) -> None:
+    killed_at: list[float] = []
+    deployment = LocalDeployment(3)
+
+    def kill_in_round_two(line: str, run_id: int | None) -> None:
+        if "[ROUND 2/" in line and not killed_at:
+            deployment.kill_supernode(2)
+            killed_at.append(time.monotonic())
+
+    with deployment:
+        outcome = deployment.run(
+            DIGITS_APP,
+            run_config=["num-server-rounds=3 min-nodes=2 clients-per-round=0 round-timeout=20.0"],
+            timeout=420,
+            on_line=kill_in_round_two,
+        )
+    assert killed_at, "the run never reached round 2"
+    assert outcome.completed, f"{outcome.status}: {outcome.details}\n" + "\n".join(
+        outcome.log[-40:]
+    )
+    # The strategy names the node that stopped answering, and the survivors finish.
+    assert any("reply from node(s)" in line for line in outcome.log)
+    assert time.monotonic() - killed_at[0] < 240
