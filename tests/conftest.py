@@ -22,13 +22,17 @@ if str(DIGITS_APP) not in sys.path:
     sys.path.insert(0, str(DIGITS_APP))
 
 
-def make_toy_client_app(dim: int = 4) -> ClientApp:
+def make_toy_client_app(
+    dim: int = 4, mods: list | None = None, app: ClientApp | None = None
+) -> ClientApp:
     """A ClientApp whose update is global + (partition-id + 1), weighted by the id + 1.
+
+    With ``app``, the toy train and evaluate functions are registered on that app.
 
     It counts its training calls in ``context.state`` so tests can check that state
     persists per node.
     """
-    app = ClientApp()
+    app = app if app is not None else ClientApp(mods=mods)
 
     @app.train()
     def train(msg: Message, context: Context) -> Message:
@@ -84,3 +88,9 @@ def no_leftover_processes():
         except ProcessLookupError:
             pass
     assert not leftover, f"processes left behind: {leftover}"
+
+
+def pytest_collection_modifyitems(config, items):  # noqa: ANN001, ANN201
+    """Fast tests first: Ray and deployment tests run last."""
+    slow = {"ray", "deployment"}
+    items.sort(key=lambda item: any(m.name in slow for m in item.iter_markers()))

@@ -64,3 +64,31 @@ def test_a_killed_supernode_is_survived_within_a_bound(no_leftover_processes) ->
     # The strategy names the node that stopped answering, and the survivors finish.
     assert any("reply from node(s)" in line for line in outcome.log)
     assert time.monotonic() - killed_at[0] < 240
+
+
+def test_secure_aggregation_through_a_real_deployment(no_leftover_processes, capsys) -> None:  # noqa: ANN001
+    marks: list[tuple[str, float]] = []
+
+    def watch(line: str, run_id: int | None) -> None:
+        if "[ROUND " in line or "Strategy execution finished" in line:
+            marks.append((line, time.monotonic()))
+
+    with LocalDeployment(3) as deployment:
+        outcome = deployment.run(
+            DIGITS_APP,
+            run_config=["num-server-rounds=2 min-nodes=3 privacy='secagg' round-timeout=120.0"],
+            timeout=540,
+            on_line=watch,
+        )
+    assert outcome.completed, f"{outcome.status}: {outcome.details}\n" + "\n".join(
+        outcome.log[-40:]
+    )
+    assert sum("securely aggregated 3 clients" in line for line in outcome.log) == 2
+    assert outcome.final_accuracy is not None and outcome.final_accuracy > 0.5
+    times = [t for _, t in marks]
+    rounds = [b - a for a, b in zip(times, times[1:], strict=False)]
+    with capsys.disabled():
+        print(
+            f"\n[deployment secagg] seconds per round (round 1 includes key set-up): "
+            f"{', '.join(f'{r:.1f}' for r in rounds)}"
+        )

@@ -31,6 +31,14 @@ def test_defaults_reach_the_accuracy_bar(caplog) -> None:
     assert _run(caplog) >= 0.90
 
 
+def test_secure_aggregation_matches_plain_fedavg_accuracy(caplog) -> None:  # noqa: ANN001
+    plain = _run(caplog, privacy="none", seed=7)
+    caplog.clear()
+    secure = _run(caplog, privacy="secagg", seed=7)
+    assert "securely aggregated 10 clients" in caplog.text
+    assert abs(secure - plain) <= 0.02, f"secagg {secure:.3f} vs plain {plain:.3f}"
+
+
 def test_clients_per_round_samples_exactly_that_many(caplog) -> None:
     cfg = {**DEFAULTS, "clients-per-round": 3, "num-server-rounds": 2}
     grid = InProcessGrid(client_app, num_nodes=10, run_config=cfg)
@@ -60,7 +68,9 @@ def test_dirichlet_partitions_are_non_iid_and_cover_the_data() -> None:
 def test_unknown_privacy_mode_is_refused_by_name() -> None:
     cfg = {**DEFAULTS, "privacy": "magic"}
     grid = InProcessGrid(client_app, num_nodes=2, run_config=cfg)
-    with pytest.raises(ValueError, match=r"'privacy' must be one of \('none',\), got 'magic'"):
+    with pytest.raises(
+        ValueError, match=r"'privacy' must be one of \('none', 'secagg'\), got 'magic'"
+    ):
         grid.run_server_app(server_app.app)
 
 

@@ -39,6 +39,8 @@ def test_card_snippet_runs(card) -> None:
     exec(compile("\n".join(snippets), str(card), "exec"), namespace)
     strategy = namespace["strategy"]
     assert isinstance(strategy, Strategy)
-    client_app = namespace.get("client_app", make_toy_client_app())
+    # A card may define the ClientApp its strategy needs (e.g. with a mod); the test
+    # registers a toy train/evaluate function on it.
+    client_app = make_toy_client_app(app=namespace.get("client_app"))
     result = strategy.start(InProcessGrid(client_app, num_nodes=3), initial_arrays(), num_rounds=2)
     assert sorted(result.train_metrics_clientapp) == [1, 2]

@@ -1,6 +1,7 @@
 """Server-side strategy wrappers for Flower's Message API."""
 
 from flower_privacy.strategies.result import PrivacyResult
+from flower_privacy.strategies.secure_aggregation import SecureAggregation
 from flower_privacy.strategies.strict_rounds import StrictRounds
 
-__all__ = ["PrivacyResult", "StrictRounds"]
+__all__ = ["PrivacyResult", "SecureAggregation", "StrictRounds"]

@@ -74,6 +74,7 @@ class StrictRounds(Strategy):
         self.node_wait_timeout = node_wait_timeout
         self._sent_to: dict[int, list[int]] = {}
         self._evaluated_by: dict[int, list[int]] = {}
+        self.round_timeout = 3600.0
         self._expected_shapes: dict[str, tuple[tuple[int, ...], str]] = {}
 
     # -- the five Strategy methods -------------------------------------------------
@@ -192,6 +193,7 @@ class StrictRounds(Strategy):
             raise ValueError(f"num_rounds must be >= 1, got {num_rounds}")
         if not timeout > 0:
             raise ValueError(f"timeout must be > 0 seconds, got {timeout}")
+        self.round_timeout = timeout  # wrappers run extra exchanges within a round
         train_config = ConfigRecord() if train_config is None else train_config
         evaluate_config = ConfigRecord() if evaluate_config is None else evaluate_config
         log(INFO, "Starting %s strategy for %d rounds:", type(self).__name__, num_rounds)

@@ -9,7 +9,6 @@ malicious server), and keeps the full transcript. No Ray, no processes, no socke
 from __future__ import annotations
 
 import copy
-import traceback
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from typing import Literal
@@ -212,7 +211,7 @@ class InProcessGrid(Grid):
         try:
             reply = self.client_app(message, context)
         except Exception as err:
-            reason = f"{type(err).__name__}: {err}\n{traceback.format_exc(limit=5)}"
+            reason = f"{type(err).__name__}: {err}"
             reply = Message(
                 Error(code=compat.ErrorCode.CLIENT_APP_RAISED_EXCEPTION, reason=reason),
                 reply_to=message,

@@ -7,8 +7,10 @@ from flwr.app import ArrayRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
 from digits_app.task import Net, evaluate, load_partition, model_shape, train
+from flower_privacy.mods import secagg_mod
 
-app = ClientApp()
+# secagg_mod answers secure aggregation stages and passes everything else through.
+app = ClientApp(mods=[secagg_mod])
 
 
 def _data(context: Context):

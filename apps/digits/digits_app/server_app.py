@@ -11,20 +11,29 @@ from flwr.serverapp import Grid, ServerApp
 from flwr.serverapp.strategy import FedAvg, Strategy
 
 from digits_app.task import Net, evaluate, load_server_test, model_shape
-from flower_privacy.strategies import PrivacyResult, StrictRounds
+from flower_privacy.strategies import PrivacyResult, SecureAggregation, StrictRounds
 
-# Later issues add "secagg", "he", "dp" and "dp-sgd".
-PRIVACY_MODES = ("none",)
-# Modes in which the server may see the global model (and so evaluate it centrally).
-SERVER_SEES_MODEL = {"none"}
+# Later issues add "he", "dp" and "dp-sgd".
+PRIVACY_MODES = ("none", "secagg")
+# Modes in which the server may see the global model (and so evaluate it centrally):
+# secure aggregation hides each client's update, not the aggregate model.
+SERVER_SEES_MODEL = {"none", "secagg"}
 
 app = ServerApp()
 
 
-def build_strategy(privacy: str, inner: Strategy) -> StrictRounds:
+def build_strategy(privacy: str, inner: Strategy, cfg: dict | None = None) -> StrictRounds:
     """Wrap ``inner`` in the privacy mechanism named by the run config."""
+    cfg = cfg or {}
     if privacy == "none":
         return StrictRounds(inner)
+    if privacy == "secagg":
+        return SecureAggregation(
+            inner,
+            clip_range=float(cfg.get("secagg-clip-range", 1.0)),
+            max_weight=int(cfg.get("secagg-max-weight", 1000)),
+            max_clients=int(cfg.get("secagg-max-clients", 100)),
+        )
     raise ValueError(f"run config 'privacy' must be one of {PRIVACY_MODES}, got {privacy!r}")
 
 
@@ -73,7 +82,7 @@ def main(grid: Grid, context: Context) -> None:
     torch.manual_seed(int(cfg["seed"]))
     net = Net(*model_shape(dataset))
     strategy = build_strategy(
-        privacy, make_fedavg(int(cfg["clients-per-round"]), int(cfg["min-nodes"]))
+        privacy, make_fedavg(int(cfg["clients-per-round"]), int(cfg["min-nodes"])), cfg
     )
 
     evaluate_fn = None

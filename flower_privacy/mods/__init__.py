@@ -1,0 +1,5 @@
+"""ClientApp mods."""
+
+from flower_privacy.mods.secagg_mod import SecAggMod, secagg_mod
+
+__all__ = ["SecAggMod", "secagg_mod"]

@@ -1,0 +1,124 @@
+"""Client side of secure aggregation: a ClientApp mod.
+
+``ClientApp(mods=[secagg_mod])`` is the whole client-side change. The mod answers the
+key set-up and unmasking stages itself; for a training round it lets the app train,
+then replaces the plain reply by the masked, quantised, weighted update.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import numpy as np
+from flwr.app import ConfigRecord, Context, Error, Message, RecordDict
+
+from flower_privacy import _flwr_compat as compat
+from flower_privacy import _secagg_wire as wire
+from flower_privacy.secagg import protocol
+from flower_privacy.secagg.quantize import Quantizer
+
+_STATE_KEY = "flower-privacy.secagg"
+
+
+class SecAggMod:
+    """The secure aggregation mod, optionally with a rule for refusing to unmask.
+
+    Parameters
+    ----------
+    unmask_rule : callable, optional
+        ``rule(survivors, dropped, cohort)`` returns a reason to refuse an unmask
+        request (e.g. an incomplete group), or None to allow it.
+    """
+
+    def __init__(self, unmask_rule: protocol.UnmaskRule | None = None) -> None:
+        self.unmask_rule = unmask_rule
+
+    def __call__(
+        self, msg: Message, context: Context, call_next: Callable[[Message, Context], Message]
+    ) -> Message:
+        stage = wire.stage_of(msg.content) if msg.has_content() else None
+        if msg.metadata.message_type != "train" or stage is None:
+            return call_next(msg, context)
+        state = _load(context)
+        request = wire.payload_of(msg.content)
+        try:
+            if stage == wire.ADVERTISE:
+                reply = protocol.client_advertise(state, request)
+            elif stage == wire.DISTRIBUTE:
+                reply = protocol.client_distribute(state, request)
+            elif stage == wire.TRAIN:
+                reply = self._train(msg, context, call_next, state, request)
+                if isinstance(reply, Message):
+                    return reply  # the app's own error reply
+            elif stage == wire.UNMASK:
+                reply = protocol.client_unmask(state, request, self.unmask_rule)
+            else:
+                raise protocol.RefusedError(f"unknown stage {stage!r}")
+        except (protocol.RefusedError, ValueError) as err:
+            _save(context, state)
+            return Message(
+                Error(
+                    code=compat.ErrorCode.MOD_FAILED_PRECONDITION,
+                    reason=f"{wire.MOD_NAME} refused ({stage}): {err}",
+                ),
+                reply_to=msg,
+            )
+        _save(context, state)
+        out_stage = wire.UPLOAD if stage == wire.TRAIN else stage
+        return Message(RecordDict({wire.RECORD: wire.to_record(out_stage, reply)}), reply_to=msg)
+
+    def _train(self, msg, context, call_next, state, request):  # noqa: ANN001, ANN202
+        arrays_key = str(request["arrays-key"])
+        weight_key = str(request["weight-key"])
+        global_arrays = msg.content.array_records[arrays_key]
+        # The app sees the message a plain FedAvg would send it.
+        msg.content = RecordDict({k: v for k, v in msg.content.items() if k != wire.RECORD})
+        reply = call_next(msg, context)
+        if reply.has_error():
+            return reply
+        records = list(reply.content.array_records.values())
+        if len(records) != 1:
+            raise ValueError(f"the app replied with {len(records)} ArrayRecords, expected 1")
+        local = records[0]
+        if list(local.keys()) != list(global_arrays.keys()):
+            raise ValueError(
+                f"the app's arrays {list(local.keys())} differ from the model's "
+                f"{list(global_arrays.keys())}"
+            )
+        deltas = []
+        for key, array in global_arrays.items():
+            before, after = array.numpy(), local[key].numpy()
+            if before.shape != after.shape:
+                raise ValueError(f"array {key!r} has shape {after.shape}, expected {before.shape}")
+            deltas.append((after.astype(np.float64) - before.astype(np.float64)).reshape(-1))
+        metrics = [r for r in reply.content.metric_records.values() if weight_key in r]
+        if request["weighting"] == "uniform":
+            weight = 1
+        elif not metrics:
+            raise ValueError(f"the app's reply has no metric {weight_key!r} to weight by")
+        else:
+            weight = int(metrics[0][weight_key])
+        quantizer = Quantizer(
+            clip_range=float(request["clip-range"]),
+            max_weight=int(request["max-weight"]),
+            max_clients=int(request["max-clients"]),
+        )
+        upload, report = protocol.client_upload(
+            state, request, np.concatenate(deltas), weight, quantizer
+        )
+        return {**upload, **report}
+
+
+def _load(context: Context) -> protocol.ClientState:
+    record = context.state.config_records.get(_STATE_KEY)
+    if record is None:
+        return protocol.ClientState(node_id=context.node_id)
+    return protocol.ClientState.from_bytes(record["state"])
+
+
+def _save(context: Context, state: protocol.ClientState) -> None:
+    context.state[_STATE_KEY] = ConfigRecord({"state": state.to_bytes()})
+
+
+secagg_mod = SecAggMod()
+"""The default secure aggregation mod: ``ClientApp(mods=[secagg_mod])``."""

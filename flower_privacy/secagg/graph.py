@@ -1,0 +1,55 @@
+"""The neighbour graph: which nodes mask with, and hold shares for, which.
+
+A Harary-style ring over a keyed random permutation of the node ids: every node
+recomputes it from the public seed and the node list, so a server cannot hand a
+client a neighbourhood of its own choosing without the client noticing.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import math
+import struct
+
+
+def default_degree(num_nodes: int) -> int:
+    """Complete graph for small federations, else about 2·log2(n) neighbours (even)."""
+    if num_nodes <= 32:
+        return num_nodes - 1
+    return min(num_nodes - 1, 2 * math.ceil(math.log2(num_nodes)))
+
+
+def neighbours(node_ids: list[int], degree: int, seed: bytes) -> dict[int, list[int]]:
+    """Each node's neighbours (sorted), for ``degree`` neighbours per node."""
+    nodes = sorted(set(node_ids))
+    if len(nodes) != len(node_ids):
+        raise ValueError("node ids must be distinct")
+    n = len(nodes)
+    if n < 2:
+        raise ValueError(f"a neighbour graph needs at least 2 nodes, got {n}")
+    if not 1 <= degree <= n - 1:
+        raise ValueError(f"degree must be in [1, {n - 1}] for {n} nodes, got {degree}")
+    if degree == n - 1:
+        return {node: [m for m in nodes if m != node] for node in nodes}
+    ring = sorted(nodes, key=lambda node: hashlib.sha256(seed + struct.pack("<Q", node)).digest())
+    position = {node: i for i, node in enumerate(ring)}
+    half, odd = divmod(degree, 2)
+    if odd and n % 2:  # no opposite node on an odd ring: one more step each side
+        half, odd = half + 1, 0
+    graph: dict[int, set[int]] = {node: set() for node in nodes}
+    for node in nodes:
+        i = position[node]
+        for step in range(1, half + 1):
+            for j in (i - step, i + step):
+                graph[node].add(ring[j % n])
+                graph[ring[j % n]].add(node)
+        if odd and n % 2 == 0:  # the opposite node on the ring, symmetric for even n
+            graph[node].add(ring[(i + n // 2) % n])
+    return {node: sorted(peers) for node, peers in graph.items()}
+
+
+def threshold(num_neighbours: int, fraction: float) -> int:
+    """Shares needed among ``num_neighbours`` holders: more than ``fraction`` of them."""
+    if not 0 < fraction < 1:
+        raise ValueError(f"threshold fraction must be in (0, 1), got {fraction}")
+    return min(num_neighbours, math.floor(fraction * num_neighbours) + 1)

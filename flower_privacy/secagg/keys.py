@@ -1,0 +1,74 @@
+"""Key agreement (X25519 + HKDF) and authenticated encryption (ChaCha20-Poly1305)."""
+
+from __future__ import annotations
+
+import os
+import struct
+from dataclasses import dataclass
+
+from cryptography.exceptions import InvalidTag
+from cryptography.hazmat.primitives import hashes
+from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey, X25519PublicKey
+from cryptography.hazmat.primitives.ciphers.aead import ChaCha20Poly1305
+from cryptography.hazmat.primitives.kdf.hkdf import HKDF
+
+PUBLIC_KEY_BYTES = 32
+_PAIR_INFO = b"flower-privacy/secagg/pair/v1|"
+_NONCE_BYTES = 12
+
+
+class DecryptionError(Exception):
+    """A ciphertext failed authentication (tampered, misaddressed, or wrong key)."""
+
+
+@dataclass(frozen=True)
+class PairSecrets:
+    """What two nodes share after key agreement."""
+
+    encryption_key: bytes  # ChaCha20-Poly1305 key for shares sent between them
+    mask_seed: bytes  # seed of their pairwise masks (round in the mask context)
+
+
+def generate_private_key() -> bytes:
+    """A fresh X25519 private key (raw 32 bytes, from the OS CSPRNG)."""
+    return X25519PrivateKey.generate().private_bytes_raw()
+
+
+def public_key(private_key: bytes) -> bytes:
+    """Raw 32-byte X25519 public key of ``private_key``."""
+    return X25519PrivateKey.from_private_bytes(private_key).public_key().public_bytes_raw()
+
+
+def pair_secrets(
+    private_key: bytes, own_id: int, peer_public_key: bytes, peer_id: int, context: bytes
+) -> PairSecrets:
+    """Derive the secrets two nodes share, bound to both ids and ``context`` (the run)."""
+    if len(peer_public_key) != PUBLIC_KEY_BYTES:
+        raise ValueError(f"public key must be {PUBLIC_KEY_BYTES} bytes, got {len(peer_public_key)}")
+    if own_id == peer_id:
+        raise ValueError("a node does not agree a key with itself")
+    shared = X25519PrivateKey.from_private_bytes(private_key).exchange(
+        X25519PublicKey.from_public_bytes(peer_public_key)
+    )
+    low, high = sorted((own_id, peer_id))
+    info = _PAIR_INFO + struct.pack("<QQ", low, high) + context
+    material = HKDF(algorithm=hashes.SHA256(), length=64, salt=None, info=info).derive(shared)
+    return PairSecrets(encryption_key=material[:32], mask_seed=material[32:])
+
+
+def seal(key: bytes, plaintext: bytes, associated_data: bytes) -> bytes:
+    """Encrypt and authenticate; the output is nonce || ciphertext || tag."""
+    nonce = os.urandom(_NONCE_BYTES)
+    return nonce + ChaCha20Poly1305(key).encrypt(nonce, plaintext, associated_data)
+
+
+def open_sealed(key: bytes, sealed: bytes, associated_data: bytes) -> bytes:
+    """Decrypt what :func:`seal` made; raise :class:`DecryptionError` on any failure."""
+    if len(sealed) < _NONCE_BYTES + 16:
+        raise DecryptionError()
+    try:
+        return ChaCha20Poly1305(key).decrypt(
+            sealed[:_NONCE_BYTES], sealed[_NONCE_BYTES:], associated_data
+        )
+    except InvalidTag:
+        raise DecryptionError() from None

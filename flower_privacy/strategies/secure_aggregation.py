@@ -1,0 +1,386 @@
+"""Secure aggregation as a strategy wrapper for Flower's Message API.
+
+``SecureAggregation(FedAvg(...))`` on the server and ``ClientApp(mods=[secagg_mod])``
+on the clients: the server learns only the sum of the clients' weighted updates and
+the sum of their weights, and hands the mean to the inner strategy. The protocol
+itself lives in :mod:`flower_privacy.secagg.protocol`; this module only moves records.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from logging import INFO, WARNING
+
+import numpy as np
+from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
+from flwr.common import log
+from flwr.serverapp import Grid
+from flwr.serverapp.strategy import (
+    Bulyan,
+    FedAdagrad,
+    FedAdam,
+    FedAvg,
+    FedAvgM,
+    FedMedian,
+    FedProx,
+    FedTrimmedAvg,
+    FedXgbBagging,
+    FedXgbCyclic,
+    FedYogi,
+    Krum,
+    MultiKrum,
+    QFedAvg,
+    Strategy,
+)
+
+from flower_privacy import _secagg_wire as wire
+from flower_privacy.errors import RoundFailedError
+from flower_privacy.secagg import protocol
+from flower_privacy.secagg.quantize import Quantizer
+from flower_privacy.strategies.result import PrivacyResult
+from flower_privacy.strategies.strict_rounds import StrictRounds
+
+# Aggregation is a (weighted) mean of the replies: a sum is all they need.
+MEAN_STRATEGIES = (FedAvg, FedAvgM, FedProx, FedAdam, FedYogi, FedAdagrad)
+# These need each client's update (robust statistics, per-client losses, trees).
+INDIVIDUAL_UPDATE_STRATEGIES = (
+    Krum,
+    MultiKrum,
+    Bulyan,
+    FedMedian,
+    FedTrimmedAvg,
+    QFedAvg,
+    FedXgbBagging,
+    FedXgbCyclic,
+)
+WEIGHTINGS = ("weighted", "uniform")
+_SETUP_ATTEMPTS = 3
+
+
+class SecureAggregation(StrictRounds):
+    """Wrap a mean-based strategy so that the server sees only sums of masked updates.
+
+    Parameters
+    ----------
+    strategy : Strategy
+        FedAvg, FedAvgM, FedProx, FedAdam, FedYogi or FedAdagrad (or a subclass that
+        still aggregates by weighted mean; pass ``trust_inner_is_mean=True`` for your own).
+    clip_range : float
+        Each coordinate of a client's update (its new weights minus the global ones) is
+        clipped to ``[-clip_range, clip_range]``; the clipped count is reported.
+    max_weight : int
+        A client's weight (``num-examples``) is capped here; it bounds the quantisation.
+    max_clients : int
+        Most clients in one round; with ``max_weight`` and ``clip_range`` it fixes a
+        scale at which the sum cannot wrap around 2^32.
+    threshold_fraction : float
+        A secret is shared so that more than this fraction of a node's neighbours can
+        rebuild it; unmasking needs that many survivors among them.
+    degree : int | None
+        Neighbours per node (default: all nodes up to 33, else about 2·log2 n).
+    weighting : str
+        ``"weighted"`` (by the reply's ``num-examples``, capped) or ``"uniform"``.
+    uniform_denominator : float | None
+        In uniform mode, divide the sum by this fixed number instead of the number of
+        survivors (client-level DP needs a data-independent denominator).
+    """
+
+    def __init__(
+        self,
+        strategy: Strategy,
+        *,
+        clip_range: float = 1.0,
+        max_weight: int = 10_000,
+        max_clients: int = 100,
+        threshold_fraction: float = 0.5,
+        degree: int | None = None,
+        weighting: str = "weighted",
+        uniform_denominator: float | None = None,
+        trust_inner_is_mean: bool = False,
+        min_train_replies: int | None = None,
+        max_failed_rounds: int = 0,
+        node_wait_timeout: float = 300.0,
+    ) -> None:
+        _check_inner(strategy, trust_inner_is_mean)
+        super().__init__(
+            strategy,
+            min_train_replies=min_train_replies,
+            max_failed_rounds=max_failed_rounds,
+            node_wait_timeout=node_wait_timeout,
+        )
+        if weighting not in WEIGHTINGS:
+            raise ValueError(f"weighting must be one of {WEIGHTINGS}, got {weighting!r}")
+        if uniform_denominator is not None and (
+            weighting != "uniform" or not uniform_denominator > 0
+        ):
+            raise ValueError(
+                f"uniform_denominator needs weighting='uniform' and a value > 0, got "
+                f"{uniform_denominator!r} with weighting={weighting!r}"
+            )
+        self.quantizer = Quantizer(
+            clip_range=clip_range, max_weight=max_weight, max_clients=max_clients
+        )
+        self.weighting = weighting
+        self.uniform_denominator = uniform_denominator
+        self.threshold_fraction, self.degree = threshold_fraction, degree
+        self.protocol = protocol.SecAggServer(threshold_fraction=threshold_fraction, degree=degree)
+        self.arrays_key = str(getattr(strategy, "arrayrecord_key", "arrays"))
+        self.weight_key = str(getattr(strategy, "weighted_by_key", "num-examples"))
+        self._grid: Grid | None = None
+        self._global: ArrayRecord | None = None
+        self._cohort: list[int] = []
+
+    # -- seams for multi-round privacy (node selection, which survivors to unmask) --------
+
+    def select_nodes(self, server_round: int, sampled: list[int], grid: Grid) -> list[int]:
+        """The round's cohort; by default the nodes the inner strategy sampled."""
+        return sampled
+
+    # -- Strategy ---------------------------------------------------------------------
+
+    def start(self, grid: Grid, initial_arrays: ArrayRecord, *args, **kwargs) -> PrivacyResult:  # noqa: ANN002, ANN003
+        """Run like :meth:`StrictRounds.start`; every call is a new protocol run (fresh keys)."""
+        self.protocol = protocol.SecAggServer(
+            threshold_fraction=self.threshold_fraction, degree=self.degree
+        )
+        return super().start(grid, initial_arrays, *args, **kwargs)
+
+    def summary(self) -> None:
+        log(
+            INFO,
+            "\t├──> SecureAggregation: clip ±%s, max weight %d, max clients %d, "
+            "threshold > %.0f%% of neighbours, %s weighting",
+            self.quantizer.clip_range,
+            self.quantizer.max_weight,
+            self.quantizer.max_clients,
+            100 * self.protocol.threshold_fraction,
+            self.weighting,
+        )
+        super().summary()
+
+    def configure_train(
+        self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
+    ) -> Iterable[Message]:
+        self._grid = grid
+        inner = list(super().configure_train(server_round, arrays, config, grid))
+        if not inner:
+            return []
+        cohort = self.select_nodes(server_round, [m.metadata.dst_node_id for m in inner], grid)
+        population = self._ensure_keys(server_round, sorted(grid.get_node_ids()))
+        cohort = sorted(n for n in cohort if n in population)
+        if len(cohort) > self.quantizer.max_clients:
+            raise RoundFailedError(
+                server_round,
+                f"{len(cohort)} nodes selected but max_clients={self.quantizer.max_clients}: "
+                "the quantised sum could wrap; raise max_clients",
+            )
+        if len(cohort) < 3:
+            raise RoundFailedError(
+                server_round, f"secure aggregation needs at least 3 keyed nodes, cohort {cohort}"
+            )
+        try:
+            request = self.protocol.train_request(server_round, cohort)
+        except protocol.ProtocolError as err:
+            raise RoundFailedError(server_round, str(err)) from None
+        request.update(
+            {
+                "arrays-key": self.arrays_key,
+                "weight-key": self.weight_key,
+                "weighting": self.weighting,
+                "clip-range": self.quantizer.clip_range,
+                "max-weight": self.quantizer.max_weight,
+                "max-clients": self.quantizer.max_clients,
+            }
+        )
+        content = RecordDict({k: v for k, v in inner[0].content.items()})
+        content[wire.RECORD] = wire.to_record(wire.TRAIN, request)
+        self._global, self._cohort = arrays, cohort
+        self._sent_to[server_round] = cohort
+        return [
+            Message(content, node, "train", ttl=self.round_timeout, group_id=str(server_round))
+            for node in cohort
+        ]
+
+    def aggregate_train(
+        self, server_round: int, replies: Iterable[Message]
+    ) -> tuple[ArrayRecord | None, MetricRecord | None]:
+        replies = list(replies)
+        assert self._global is not None and self._grid is not None
+        length = sum(int(np.prod(a.shape)) for a in self._global.values())
+        self._log_silent_nodes(server_round, "training", self._cohort, replies)
+        survivors_replies = []
+        for reply in replies:
+            node = reply.metadata.src_node_id
+            problem = self._stage_problem(reply, wire.UPLOAD, server_round)
+            if problem is None:
+                problem = self.protocol.accept_upload(node, wire.payload_of(reply.content), length)
+            if problem is None:
+                survivors_replies.append(reply)
+            else:
+                log(
+                    WARNING, "round %d: upload of node %s unusable: %s", server_round, node, problem
+                )
+        if len(survivors_replies) < self.min_train_replies:
+            raise RoundFailedError(
+                server_round,
+                f"{len(survivors_replies)} masked uploads of {len(self._cohort)}, "
+                f"at least {self.min_train_replies} needed",
+            )
+        unmask_replies = self._exchange(server_round, wire.UNMASK, self.protocol.unmask_requests())
+        try:
+            result = self.protocol.unmask(unmask_replies, length)
+        except protocol.ProtocolError as err:
+            raise RoundFailedError(server_round, f"unmasking failed: {err}") from None
+        if result.weight < 1:
+            raise RoundFailedError(server_round, "the survivors' total weight is zero")
+        denominator = self.uniform_denominator or result.weight
+        mean_delta = self.quantizer.decode_sum(result.total, denominator)
+        synthetic = survivors_replies[0]
+        synthetic.content = RecordDict(
+            {
+                self.arrays_key: self._apply(mean_delta),
+                "metrics": MetricRecord({self.weight_key: result.weight}),
+            }
+        )
+        arrays, metrics = self.strategy.aggregate_train(server_round, [synthetic])
+        if arrays is None:
+            raise RoundFailedError(
+                server_round, f"{type(self.strategy).__name__} returned no model"
+            )
+        metrics = MetricRecord(dict(metrics or {}))
+        metrics.update(
+            {
+                "secagg-clients": len(result.survivors),
+                "secagg-dropped": len(result.dropped),
+                "secagg-clipped": result.clipped,
+            }
+        )
+        if result.clipped:
+            log(
+                WARNING,
+                "round %d: %d update values were clipped to ±%s",
+                server_round,
+                result.clipped,
+                self.quantizer.clip_range,
+            )
+        log(
+            INFO,
+            "round %d: securely aggregated %d clients (%d dropped)",
+            server_round,
+            len(result.survivors),
+            len(result.dropped),
+        )
+        return arrays, metrics
+
+    # -- internals ---------------------------------------------------------------------
+
+    def _apply(self, mean_delta: np.ndarray) -> ArrayRecord:
+        assert self._global is not None
+        out, offset = {}, 0
+        for key, array in self._global.items():
+            before = array.numpy()
+            size = before.size
+            after = before.astype(np.float64) + mean_delta[offset : offset + size].reshape(
+                before.shape
+            )
+            out[key] = Array(after.astype(before.dtype))
+            offset += size
+        return ArrayRecord(out)
+
+    def _ensure_keys(self, server_round: int, population: list[int]) -> list[int]:
+        """Key set-up for new or re-keyed nodes; returns the keyed population."""
+        for _ in range(_SETUP_ATTEMPTS):
+            to_key = self.protocol.nodes_to_key(population)
+            if to_key:
+                request = self.protocol.advertise_request()
+                replies = self._exchange(server_round, wire.ADVERTISE, {n: request for n in to_key})
+                for node in to_key:
+                    if node in replies:
+                        self.protocol.accept_advertisement(node, replies[node])
+                population = [n for n in population if n in replies or n not in to_key]
+            if not self.protocol.needs_distribution(population):
+                return population
+            if len(population) < 3:
+                break
+            request = self.protocol.distribute_request(population)
+            replies = self._exchange(
+                server_round, wire.DISTRIBUTE, {n: request for n in population}
+            )
+            if all(n in replies for n in population):
+                try:
+                    self.protocol.accept_distributions(replies)
+                except protocol.ProtocolError as err:
+                    raise RoundFailedError(server_round, f"key set-up: {err}") from None
+                log(INFO, "secure aggregation keys set up for %d nodes", len(population))
+                return population
+            population = [n for n in population if n in replies]
+        raise RoundFailedError(
+            server_round, f"key set-up did not complete: {len(population)} nodes left"
+        )
+
+    def _exchange(
+        self, server_round: int, stage: str, requests: dict[int, dict]
+    ) -> dict[int, dict]:
+        """Send one stage to several nodes; return the payloads of the good replies."""
+        assert self._grid is not None
+        messages = [
+            Message(
+                RecordDict({wire.RECORD: wire.to_record(stage, payload)}),
+                node,
+                "train",
+                ttl=self.round_timeout,
+                group_id=str(server_round),
+            )
+            for node, payload in requests.items()
+        ]
+        replies = self._grid.send_and_receive(messages, timeout=self.round_timeout)
+        good = {}
+        for reply in replies:
+            problem = self._stage_problem(reply, stage, server_round)
+            if problem is None:
+                good[reply.metadata.src_node_id] = wire.payload_of(reply.content)
+            else:
+                log(
+                    WARNING,
+                    "round %d: node %s, %s stage: %s",
+                    server_round,
+                    reply.metadata.src_node_id,
+                    stage,
+                    problem,
+                )
+        silent = sorted(set(requests) - {r.metadata.src_node_id for r in replies})
+        if silent:
+            log(WARNING, "round %d: no %s reply from node(s) %s", server_round, stage, silent)
+        return good
+
+    def _stage_problem(self, reply: Message, stage: str, server_round: int) -> str | None:
+        """None if ``reply`` carries ``stage``; raise if a node refused or lacks the mod."""
+        if reply.has_error():
+            reason = reply.error.reason
+            if f"{wire.MOD_NAME} refused" in reason:
+                raise RoundFailedError(server_round, f"node {reply.metadata.src_node_id} {reason}")
+            if stage == wire.UPLOAD:
+                return f"error reply ({reason})"
+        elif wire.stage_of(reply.content) == stage:
+            return None
+        else:
+            reason = "a reply without secure aggregation content"
+        raise RoundFailedError(
+            server_round,
+            f"node {reply.metadata.src_node_id} answered the {stage} stage with {reason}: "
+            f"is {wire.MOD_NAME} in its ClientApp(mods=[secagg_mod, ...])?",
+        )
+
+
+def _check_inner(strategy: Strategy, trusted: bool) -> None:
+    if isinstance(strategy, INDIVIDUAL_UPDATE_STRATEGIES):
+        raise TypeError(
+            f"{type(strategy).__name__} needs each client's update, which secure aggregation "
+            "hides; use a mean-based strategy (FedAvg, FedAvgM, FedProx, FedAdam, FedYogi, "
+            "FedAdagrad)"
+        )
+    if not (trusted or type(strategy) in MEAN_STRATEGIES):
+        raise TypeError(
+            f"{type(strategy).__name__} is not known to aggregate by weighted mean; pass "
+            "trust_inner_is_mean=True if its aggregate_train is a weighted mean of the replies"
+        )

@@ -1,0 +1,123 @@
+"""Building blocks of secure aggregation: PRG, Shamir, quantisation, keys, graph."""
+
+from __future__ import annotations
+
+import os
+
+import numpy as np
+import pytest
+
+from flower_privacy.secagg import graph, keys, shamir
+from flower_privacy.secagg.prg import expand_mask
+from flower_privacy.secagg.quantize import Quantizer
+
+
+def test_masks_are_deterministic_per_context_and_uniform() -> None:
+    seed = os.urandom(32)
+    a = expand_mask(seed, b"round-1", 200_000)
+    assert a.dtype == np.uint32 and np.array_equal(a, expand_mask(seed, b"round-1", 200_000))
+    b = expand_mask(seed, b"round-2", 200_000)
+    assert np.mean(a == b) < 1e-3
+    # Each byte position uniform: mean of top byte ~127.5, chi-square-ish spread.
+    counts = np.bincount((a >> 24).astype(np.int64), minlength=256)
+    assert abs((a >> 24).mean() - 127.5) < 1.5 and counts.min() > 600
+    with pytest.raises(ValueError, match="seed must be 32 bytes"):
+        expand_mask(b"short", b"x", 4)
+
+
+@pytest.mark.parametrize(("t", "n"), [(1, 1), (2, 3), (3, 5), (6, 10), (51, 100)])
+def test_shamir_rebuilds_from_any_threshold_subset(t, n) -> None:  # noqa: ANN001
+    secret = os.urandom(32)
+    shares = shamir.split(secret, t, n)
+    rng = np.random.default_rng(t * 1000 + n)
+    for _ in range(5):
+        subset = [shares[i] for i in rng.choice(n, size=t, replace=False)]
+        assert shamir.combine(subset, t) == secret
+
+
+def test_shamir_below_threshold_reveals_nothing_checkable() -> None:
+    secret_a, secret_b = bytes(32), bytes([255]) * 32
+    # t-1 shares of two different secrets are identically distributed: compare limbs'
+    # spread over many sharings (all values uniform in the field either way).
+    values = {s: [] for s in (secret_a, secret_b)}
+    for secret in values:
+        for _ in range(300):
+            share = shamir.split(secret, 3, 5)[0]
+            values[secret].append(np.frombuffer(share[4:], dtype="<u4")[0])
+    means = [np.mean(v) / shamir.PRIME for v in values.values()]
+    assert all(abs(m - 0.5) < 0.07 for m in means)
+
+
+def test_shamir_rejects_bad_input() -> None:
+    shares = shamir.split(os.urandom(32), 3, 5)
+    with pytest.raises(shamir.ShareError, match="need 3 shares, got 2"):
+        shamir.combine(shares[:2], 3)
+    with pytest.raises(shamir.ShareError, match="duplicate"):
+        shamir.combine([shares[0], shares[0], shares[1]], 3)
+    with pytest.raises(shamir.ShareError, match="bytes"):
+        shamir.combine([shares[0][:-1], shares[1], shares[2]], 3)
+    with pytest.raises(ValueError, match="threshold"):
+        shamir.split(os.urandom(32), 6, 5)
+
+
+def test_quantisation_is_unbiased_and_sums_without_wrapping() -> None:
+    q = Quantizer(clip_range=1.0, max_weight=10, max_clients=20)
+    rng = np.random.default_rng(0)
+    updates = [rng.uniform(-1, 1, 5000) for _ in range(20)]
+    weights = [10] * 20  # the worst case the scale allows
+    total = np.zeros(5000, dtype=np.uint32)
+    for u, w in zip(updates, weights, strict=True):
+        total += q.encode(u, w).values
+    mean = sum(w * u for u, w in zip(updates, weights, strict=True)) / sum(weights)
+    decoded = q.decode_sum(total, sum(weights))
+    assert np.max(np.abs(decoded - mean)) < 20 * q.resolution / sum(weights)
+    extreme = [np.ones(10)] * 20  # every client at +clip with max weight: no wrap-around
+    total = sum((q.encode(u, 10).values for u in extreme), np.zeros(10, dtype=np.uint32))
+    np.testing.assert_allclose(q.decode_sum(total, 200), 1.0, atol=1e-6)
+
+
+def test_quantisation_reports_clipping_and_caps_weights() -> None:
+    q = Quantizer(clip_range=0.5, max_weight=4, max_clients=3)
+    enc = q.encode(np.array([0.1, 0.7, -2.0, 0.5]), 9)
+    assert enc.clipped == 2 and enc.weight == 4 and enc.weight_capped
+    with pytest.raises(ValueError, match="NaN"):
+        q.encode(np.array([np.nan]), 1)
+    with pytest.raises(ValueError, match="clip_range"):
+        Quantizer(clip_range=0.0, max_weight=1, max_clients=1)
+    with pytest.raises(ValueError, match="no room"):
+        Quantizer(clip_range=1.0, max_weight=2**20, max_clients=2**12)
+
+
+def test_pair_secrets_agree_and_bind_ids_and_run() -> None:
+    a, b = keys.generate_private_key(), keys.generate_private_key()
+    ab = keys.pair_secrets(a, 1, keys.public_key(b), 2, b"run")
+    ba = keys.pair_secrets(b, 2, keys.public_key(a), 1, b"run")
+    assert ab == ba and ab.encryption_key != ab.mask_seed
+    assert keys.pair_secrets(a, 1, keys.public_key(b), 2, b"other") != ab
+    assert keys.pair_secrets(a, 1, keys.public_key(b), 3, b"run") != ab
+
+
+def test_sealed_shares_reject_tampering_and_wrong_context() -> None:
+    key = os.urandom(32)
+    sealed = keys.seal(key, b"share", b"ad")
+    assert keys.open_sealed(key, sealed, b"ad") == b"share"
+    for bad_key, bad_blob, bad_ad in [
+        (os.urandom(32), sealed, b"ad"),
+        (key, sealed[:-1] + bytes([sealed[-1] ^ 1]), b"ad"),
+        (key, sealed, b"other"),
+        (key, sealed[:10], b"ad"),
+    ]:
+        with pytest.raises(keys.DecryptionError):
+            keys.open_sealed(bad_key, bad_blob, bad_ad)
+
+
+@pytest.mark.parametrize(("n", "degree"), [(5, 4), (40, 12), (41, 11), (100, 14)])
+def test_graph_is_symmetric_regular_and_reproducible(n, degree) -> None:  # noqa: ANN001
+    nodes = list(range(1000, 1000 + n))
+    g = graph.neighbours(nodes, degree, b"seed")
+    assert g == graph.neighbours(list(reversed(nodes)), degree, b"seed")
+    assert g != graph.neighbours(nodes, degree, b"other") or degree == n - 1
+    for node, peers in g.items():
+        assert node not in peers and all(node in g[p] for p in peers)
+        assert degree <= len(peers) <= degree + 1
+    assert graph.threshold(10, 0.5) == 6 and graph.threshold(3, 0.5) == 2
