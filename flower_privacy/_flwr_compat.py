@@ -11,6 +11,7 @@ from uuid import uuid4
 
 from flwr.app import Message
 from flwr.common.config import parse_config_args
+from flwr.common.serde import message_from_proto, message_to_proto
 from flwr.common.constant import SUPERLINK_NODE_ID, ErrorCode
 from flwr.supercore.run import Run
 from flwr.supercore.task_identity import TaskIdentity
@@ -20,6 +21,7 @@ __all__ = [
     "SUPERLINK_NODE_ID",
     "ErrorCode",
     "assign_message_id",
+    "wire_roundtrip",
     "empty_run",
     "parse_federation_config",
     "set_task_identity",
@@ -57,3 +59,8 @@ def parse_federation_config(overrides: list[str]) -> Any:
         return simulation_config_from_json(values)
     except (ValueError, TypeError, AttributeError) as err:
         raise ValueError(f"invalid federation config {overrides!r}: {err}") from err
+
+
+def wire_roundtrip(message: Message) -> Message:
+    """``message`` after Flower's protobuf encoding and decoding, as over a network."""
+    return message_from_proto(message_to_proto(message))

@@ -14,8 +14,10 @@ QUANT = Quantizer(clip_range=4.0, max_weight=100, max_clients=50)
 class Federation:
     """n clients and a server exchanging the protocol's dicts directly."""
 
-    def __init__(self, n: int, *, degree: int | None = None, fraction: float = 0.5) -> None:
-        self.ids = list(range(101, 101 + n))
+    def __init__(
+        self, n: int, *, degree: int | None = None, fraction: float = 0.5, first_id: int = 101
+    ) -> None:
+        self.ids = list(range(first_id, first_id + n))
         self.server = p.SecAggServer(threshold_fraction=fraction, degree=degree)
         self.clients = {i: p.ClientState(node_id=i) for i in self.ids}
         self.setup(self.ids)
@@ -63,6 +65,18 @@ def test_secure_sum_equals_weighted_mean(n, degree) -> None:  # noqa: ANN001
     result = fed.round(1, updates, weights)
     mean, total_w = _expected(updates, weights, fed.ids)
     assert result.weight == total_w and result.dropped == []
+    np.testing.assert_allclose(
+        QUANT.decode_sum(result.total, result.weight), mean, atol=2 * QUANT.resolution
+    )
+
+
+def test_real_flower_node_ids_use_all_64_bits() -> None:
+    # SuperLinks hand out unsigned 64-bit node ids; the largest must work everywhere.
+    fed = Federation(5, first_id=2**64 - 5)
+    updates, weights = _updates(fed.ids, 32)
+    result = fed.round(1, updates, weights, drop_before_upload=[2**64 - 3])
+    survivors = [i for i in fed.ids if i != 2**64 - 3]
+    mean, _ = _expected(updates, weights, survivors)
     np.testing.assert_allclose(
         QUANT.decode_sum(result.total, result.weight), mean, atol=2 * QUANT.resolution
     )

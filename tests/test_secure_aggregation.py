@@ -210,7 +210,7 @@ def test_strategies_that_need_individual_updates_are_refused() -> None:
 
 def test_an_app_without_the_mod_gets_an_error_naming_the_mod() -> None:
     grid = InProcessGrid(_updates_app(1, mods=[]), num_nodes=3)
-    with pytest.raises(RunHaltedError, match=r"is flower_privacy.mods.secagg_mod in its ClientApp"):
+    with pytest.raises(RunHaltedError, match=r"is flower_privacy.mods.secagg_mod in the ClientApp"):
         _secagg(3).start(grid, _zeros(), num_rounds=1)
 
 
@@ -308,3 +308,16 @@ def test_the_pluggable_unmask_rule_is_enforced_by_clients() -> None:
     grid = InProcessGrid(_updates_app(1, mods=[SecAggMod(unmask_rule=keep_pairs_whole)]), 6)
     grid.drop_node(1003, when=_stage(wire.TRAIN, 1), unlist=False)  # dropped: pair broken
     assert "unmask rule: pair (1003, 1004) incomplete" in _run_attacked(grid, 6)
+
+
+def test_a_node_without_the_mod_is_left_out_with_a_warning(caplog) -> None:  # noqa: ANN001
+    def mod_everywhere_but_1003(msg: Message, context: Context, call_next):  # noqa: ANN001, ANN202
+        if context.node_id == 1003:
+            return call_next(msg, context)
+        return secagg_mod(msg, context, call_next)
+
+    grid = InProcessGrid(_updates_app(4, mods=[mod_everywhere_but_1003]), num_nodes=5)
+    result = _secagg(5).start(grid, _zeros(), num_rounds=1)
+    assert result.train_metrics_clientapp[1]["secagg-clients"] == 4
+    assert "node 1003, advertise stage: error reply" in caplog.text
+    _assert_mean(result, 4, [1001, 1002, 1004, 1005])

@@ -54,7 +54,7 @@ UnmaskRule = Callable[[list[int], list[int], list[int]], "str | None"]
 
 
 def _context(run: bytes, *parts: int) -> bytes:
-    return run + b"".join(struct.pack("<q", p) for p in parts)
+    return run + b"".join(struct.pack("<Q", p) for p in parts)
 
 
 def _sign(own: int, peer: int) -> int:

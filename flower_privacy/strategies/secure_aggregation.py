@@ -77,7 +77,7 @@ class SecureAggregation(StrictRounds):
         A secret is shared so that more than this fraction of a node's neighbours can
         rebuild it; unmasking needs that many survivors among them.
     degree : int | None
-        Neighbours per node (default: all nodes up to 33, else about 2·log2 n).
+        Neighbours per node (default: all nodes up to 32, else about 2·log2 n).
     weighting : str
         ``"weighted"`` (by the reply's ``num-examples``, capped) or ``"uniform"``.
     uniform_denominator : float | None
@@ -333,13 +333,14 @@ class SecureAggregation(StrictRounds):
             )
             for node, payload in requests.items()
         ]
-        replies = self._grid.send_and_receive(messages, timeout=self.round_timeout)
-        good = {}
+        replies = list(self._grid.send_and_receive(messages, timeout=self.round_timeout))
+        good, problems = {}, []
         for reply in replies:
             problem = self._stage_problem(reply, stage, server_round)
             if problem is None:
                 good[reply.metadata.src_node_id] = wire.payload_of(reply.content)
             else:
+                problems.append(f"node {reply.metadata.src_node_id}: {problem}")
                 log(
                     WARNING,
                     "round %d: node %s, %s stage: %s",
@@ -348,28 +349,32 @@ class SecureAggregation(StrictRounds):
                     stage,
                     problem,
                 )
+        if problems and not good and stage in (wire.ADVERTISE, wire.DISTRIBUTE):
+            # Every node failed the set-up: almost always a ClientApp without the mod.
+            raise RoundFailedError(
+                server_round,
+                f"no node completed the {stage} stage ({'; '.join(problems[:3])}): is "
+                f"{wire.MOD_NAME} in the ClientApp, as ClientApp(mods=[secagg_mod, ...])?",
+            )
         silent = sorted(set(requests) - {r.metadata.src_node_id for r in replies})
         if silent:
             log(WARNING, "round %d: no %s reply from node(s) %s", server_round, stage, silent)
         return good
 
     def _stage_problem(self, reply: Message, stage: str, server_round: int) -> str | None:
-        """None if ``reply`` carries ``stage``; raise if a node refused or lacks the mod."""
+        """None if ``reply`` carries ``stage``, else the problem; a refusal fails the round.
+
+        An honest node refuses only when the server's request fails one of its checks,
+        so a refusal is never treated as a mere dropout.
+        """
         if reply.has_error():
             reason = reply.error.reason
             if f"{wire.MOD_NAME} refused" in reason:
                 raise RoundFailedError(server_round, f"node {reply.metadata.src_node_id} {reason}")
-            if stage == wire.UPLOAD:
-                return f"error reply ({reason})"
-        elif wire.stage_of(reply.content) == stage:
-            return None
-        else:
-            reason = "a reply without secure aggregation content"
-        raise RoundFailedError(
-            server_round,
-            f"node {reply.metadata.src_node_id} answered the {stage} stage with {reason}: "
-            f"is {wire.MOD_NAME} in its ClientApp(mods=[secagg_mod, ...])?",
-        )
+            return f"error reply ({reason})"
+        if wire.stage_of(reply.content) != stage:
+            return "a reply without secure aggregation content"
+        return None
 
 
 def _check_inner(strategy: Strategy, trusted: bool) -> None:

@@ -55,6 +55,9 @@ class InProcessGrid(Grid):
         :meth:`run_server_app`) sees.
     node_ids : Sequence[int] | None
         Node ids to use; by default ``1001, 1002, ...``.
+    serialize : bool
+        Pass every message through Flower's protobuf encoding, as a SuperLink would
+        (catches values that only work in memory). On by default.
     """
 
     def __init__(
@@ -65,6 +68,7 @@ class InProcessGrid(Grid):
         run_config: UserConfig | None = None,
         node_ids: Sequence[int] | None = None,
         run_id: int = 1,
+        serialize: bool = True,
     ) -> None:
         if num_nodes < 1:
             raise ValueError(f"num_nodes must be >= 1, got {num_nodes}")
@@ -74,6 +78,7 @@ class InProcessGrid(Grid):
         if compat.SUPERLINK_NODE_ID in ids:
             raise ValueError(f"node id {compat.SUPERLINK_NODE_ID} is reserved for the SuperLink")
         self.client_app = client_app
+        self.serialize = serialize
         self.run_config: UserConfig = dict(run_config or {})
         self.contexts: dict[int, Context] = {
             node_id: Context(
@@ -171,6 +176,8 @@ class InProcessGrid(Grid):
             # every node gets its own copy, as over a real network.
             message = copy.deepcopy(shared)
             message_id = compat.assign_message_id(message)
+            if self.serialize:
+                message = compat.wire_roundtrip(message)
             message_ids.append(message_id)
             node_id = message.metadata.dst_node_id
             self._check_node(node_id)
@@ -217,7 +224,7 @@ class InProcessGrid(Grid):
                 reply_to=message,
             )
         compat.assign_message_id(reply)
-        return reply
+        return compat.wire_roundtrip(reply) if self.serialize else reply
 
     def _record(
         self, direction: Literal["to-node", "from-node"], node_id: int, message: Message

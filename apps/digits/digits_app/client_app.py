@@ -1,19 +1,24 @@
-"""Client side of the digits app."""
+"""Client side of the digits app.
+
+torch and the data pipeline are imported inside the functions that need them: in a
+deployment every message starts a new ClientApp process, and the secure aggregation
+stages (answered by the mod alone) then skip those imports.
+"""
 
 from __future__ import annotations
 
-import torch
 from flwr.app import ArrayRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
-from digits_app.task import Net, evaluate, load_partition, model_shape, train
 from flower_privacy.mods import secagg_mod
 
 # secagg_mod answers secure aggregation stages and passes everything else through.
 app = ClientApp(mods=[secagg_mod])
 
 
-def _data(context: Context):
+def _data(context: Context):  # noqa: ANN202
+    from digits_app.task import load_partition
+
     cfg = context.run_config
     return load_partition(
         str(cfg["dataset"]),
@@ -25,7 +30,12 @@ def _data(context: Context):
     )
 
 
-def _model(msg: Message, context: Context) -> Net:
+def _model(msg: Message, context: Context):  # noqa: ANN202
+    import torch
+
+    from digits_app.task import Net, model_shape
+
+    torch.set_num_threads(1)  # virtual clients share the machine's cores
     net = Net(*model_shape(str(context.run_config["dataset"])))
     net.load_state_dict(msg.content["arrays"].to_torch_state_dict())
     return net
@@ -34,6 +44,8 @@ def _model(msg: Message, context: Context) -> Net:
 @app.train()
 def train_fn(msg: Message, context: Context) -> Message:
     """Train the received model on this node's partition."""
+    from digits_app.task import train
+
     train_data, _ = _data(context)
     net = _model(msg, context)
     cfg = context.run_config
@@ -59,6 +71,8 @@ def train_fn(msg: Message, context: Context) -> Message:
 @app.evaluate()
 def evaluate_fn(msg: Message, context: Context) -> Message:
     """Evaluate the received model on this node's test split."""
+    from digits_app.task import evaluate
+
     _, test_data = _data(context)
     net = _model(msg, context)
     loss, accuracy = evaluate(net, test_data)
@@ -70,6 +84,3 @@ def evaluate_fn(msg: Message, context: Context) -> Message:
         }
     )
     return Message(content=content, reply_to=msg)
-
-
-torch.set_num_threads(1)  # virtual clients share the machine's cores
