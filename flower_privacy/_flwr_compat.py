@@ -11,8 +11,8 @@ from uuid import uuid4
 
 from flwr.app import Message
 from flwr.common.config import parse_config_args
-from flwr.common.serde import message_from_proto, message_to_proto
 from flwr.common.constant import SUPERLINK_NODE_ID, ErrorCode
+from flwr.common.serde import message_from_proto, message_to_proto
 from flwr.supercore.run import Run
 from flwr.supercore.task_identity import TaskIdentity
 from flwr.supercore.utils import simulation_config_from_json
@@ -22,6 +22,7 @@ __all__ = [
     "ErrorCode",
     "assign_message_id",
     "wire_roundtrip",
+    "wire_size",
     "empty_run",
     "parse_federation_config",
     "set_task_identity",
@@ -64,3 +65,8 @@ def parse_federation_config(overrides: list[str]) -> Any:
 def wire_roundtrip(message: Message) -> Message:
     """``message`` after Flower's protobuf encoding and decoding, as over a network."""
     return message_from_proto(message_to_proto(message))
+
+
+def wire_size(message: Message) -> int:
+    """Bytes of ``message`` in Flower's protobuf encoding."""
+    return int(message_to_proto(message).ByteSize())

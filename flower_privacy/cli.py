@@ -131,6 +131,39 @@ def preset(
     typer.echo(to_overrides(load_federation_preset(find_preset(name))))
 
 
+bench_app = typer.Typer(help="Benchmarks that print figures measured in one run.")
+app.add_typer(bench_app, name="bench")
+
+
+@bench_app.command("secagg")
+def bench_secagg(
+    as_json: Annotated[bool, typer.Option("--json", help="Print one JSON object.")] = False,
+    quick: Annotated[bool, typer.Option(help="Small cases that fit in about a minute.")] = False,
+    deployment: Annotated[bool, typer.Option(help="Also time a real SuperLink deployment.")] = True,
+) -> None:
+    """Secure aggregation against FedAvg and Flower's SecAgg+, same process, same data."""
+    import json
+
+    from flower_privacy.bench import secagg
+
+    def progress(line: str) -> None:
+        typer.echo(line, err=True)
+
+    result = secagg.run(quick=quick, with_deployment=deployment, log=progress)
+    if as_json:
+        typer.echo(json.dumps(result))
+        return
+    for row in result["cases"]:
+        typer.echo(
+            f"{row['clients']:>3} clients x {row['params']:>9,} params, dropout "
+            f"{row['dropout']:.0%}: FedAvg {row['fedavg_s']:.3f} s, Flower SecAgg+ "
+            f"{row['flower_secaggplus_s']:.3f} s, ours {row['secagg_s']:.3f} s per round"
+        )
+    for key, value in result.items():
+        if key != "cases":
+            typer.echo(f"{key}: {value}")
+
+
 def main() -> None:  # pragma: no cover - console entry point
     app(prog_name="flower-privacy")
 

@@ -133,3 +133,21 @@ def test_bad_arguments_are_named() -> None:
     grid = InProcessGrid(app, num_nodes=1)
     with pytest.raises(KeyError, match="unknown node id 5"):
         grid.drop_node(5)
+
+
+def test_a_node_can_miss_only_the_messages_that_match() -> None:
+    grid = InProcessGrid(make_toy_client_app(), num_nodes=2)
+    grid.drop_node(1001, when=lambda m: m.metadata.message_type == "evaluate", only_matching=True)
+    strategy = FedAvg(
+        fraction_train=1.0,
+        min_train_nodes=2,
+        min_available_nodes=2,
+        fraction_evaluate=1.0,
+        min_evaluate_nodes=1,
+    )
+    strategy.start(grid, initial_arrays(), num_rounds=2, timeout=10)
+    answered = {(e.node_id, e.message_type) for e in grid.transcript if e.direction == "from-node"}
+    assert (1001, "train") in answered and (1001, "evaluate") not in answered
+    assert 1001 in grid.get_node_ids()
+    with pytest.raises(ValueError, match="only_matching needs"):
+        grid.drop_node(1001, only_matching=True)

@@ -108,3 +108,17 @@ def test_cli_simulate_with_a_gpu_preset_fails_within_seconds_naming_the_gpu() ->
     assert res.returncode == 2
     assert "no CUDA GPU" in res.stderr
     assert time.monotonic() - t0 < 30
+
+
+def test_cli_bench_secagg_prints_one_json_object_with_every_figure() -> None:
+    import json
+
+    res = _cli("bench", "secagg", "--json", "--quick", "--no-deployment")
+    assert res.returncode == 0, res.stderr[-2000:]
+    result = json.loads(res.stdout)
+    assert [c["clients"] for c in result["cases"]] == [5, 10]
+    for row in result["cases"]:
+        assert row["fedavg_s"] > 0 and row["flower_secaggplus_s"] > 0 and row["secagg_s"] > 0
+    assert 4.0 <= result["upload_bytes_per_param"] < 4.01
+    assert result["message_bytes_per_param"] >= result["upload_bytes_per_param"]
+    assert result["mask_throughput_ratio"] > 0 and result["unmask_s_100_clients"] > 0

@@ -90,7 +90,7 @@ class SecAggMod:
             before, after = array.numpy(), local[key].numpy()
             if before.shape != after.shape:
                 raise ValueError(f"array {key!r} has shape {after.shape}, expected {before.shape}")
-            deltas.append((after.astype(np.float64) - before.astype(np.float64)).reshape(-1))
+            deltas.append(np.subtract(after, before, dtype=np.float32).reshape(-1))
         metrics = [r for r in reply.content.metric_records.values() if weight_key in r]
         if request["weighting"] == "uniform":
             weight = 1

@@ -13,8 +13,8 @@ import struct
 
 
 def default_degree(num_nodes: int) -> int:
-    """Complete graph for small federations, else about 2·log2(n) neighbours (even)."""
-    if num_nodes <= 32:
+    """Complete graph up to 8 nodes, else about 2·log2(n) neighbours (SecAgg+)."""
+    if num_nodes <= 8:
         return num_nodes - 1
     return min(num_nodes - 1, 2 * math.ceil(math.log2(num_nodes)))
 

@@ -73,14 +73,18 @@ class Quantizer:
 
     def encode(self, update: np.ndarray, weight: int, *, seed: bytes | None = None) -> Encoded:
         """Encode ``weight * clip(update)``; ``seed`` only for reproducible tests."""
-        update = np.asarray(update, dtype=np.float64).reshape(-1)
+        update = np.asarray(update).reshape(-1)
+        if not np.issubdtype(update.dtype, np.floating):
+            update = update.astype(np.float64)
         if not np.isfinite(update).all():
             raise ValueError("update has NaN or inf values")
         if int(weight) != weight or weight < 1:
             raise ValueError(f"weight must be an integer >= 1, got {weight}")
         capped = min(int(weight), self.max_weight)
         clipped = int(np.count_nonzero(np.abs(update) > self.clip_range))
-        scaled = np.clip(update, -self.clip_range, self.clip_range) * (capped * self.scale)
+        # float64 keeps every integer of the scaled range exact before rounding.
+        scaled = np.clip(update, -self.clip_range, self.clip_range).astype(np.float64)
+        scaled *= capped * self.scale
         floor = np.floor(scaled)
         noise = uniform_floats(seed or os.urandom(32), b"stochastic-rounding", update.size)
         rounded = floor + (noise < (scaled - floor))

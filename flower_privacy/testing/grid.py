@@ -38,6 +38,7 @@ class _Drop:
     when: MessageFilter | None
     unlist: bool
     active: bool = False
+    only_matching: bool = False
 
 
 class InProcessGrid(Grid):
@@ -100,16 +101,30 @@ class InProcessGrid(Grid):
     # -- test controls ---------------------------------------------------------------
 
     def drop_node(
-        self, node_id: int, *, when: MessageFilter | None = None, unlist: bool = True
+        self,
+        node_id: int,
+        *,
+        when: MessageFilter | None = None,
+        unlist: bool = True,
+        only_matching: bool = False,
     ) -> None:
         """Take ``node_id`` offline, now or at the first message matching ``when``.
 
         An offline node never replies (as after a timeout). With ``unlist`` it also
         disappears from :meth:`get_node_ids`; without, the grid still lists it, as a
-        SuperLink does for about a minute after a SuperNode dies.
+        SuperLink does for about a minute after a SuperNode dies. With
+        ``only_matching`` the node stays online and just never answers the messages
+        that match ``when`` (a node that keeps dropping out at one stage).
         """
         self._check_node(node_id)
-        self._drops[node_id] = _Drop(when=when, unlist=unlist, active=when is None)
+        if only_matching and when is None:
+            raise ValueError("only_matching needs a `when` filter")
+        self._drops[node_id] = _Drop(
+            when=when,
+            unlist=unlist and not only_matching,
+            active=when is None,
+            only_matching=only_matching,
+        )
 
     def reconnect_node(self, node_id: int) -> None:
         """Bring a dropped node back, with its context (state) intact."""
@@ -210,6 +225,8 @@ class InProcessGrid(Grid):
         drop = self._drops.get(node_id)
         if drop is None:
             return False
+        if drop.only_matching:
+            return bool(drop.when(message))
         if not drop.active and drop.when is not None and drop.when(message):
             drop.active = True
         return drop.active

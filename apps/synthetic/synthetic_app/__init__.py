@@ -1,0 +1,1 @@
+"""A Flower app whose clients return a fixed synthetic update (for benchmarks)."""
