@@ -77,7 +77,7 @@ class SecureAggregation(StrictRounds):
         A secret is shared so that more than this fraction of a node's neighbours can
         rebuild it; unmasking needs that many survivors among them.
     degree : int | None
-        Neighbours per node (default: all nodes up to 32, else about 2·log2 n).
+        Neighbours per node (default: all nodes up to 8, else about 2·log2 n).
     weighting : str
         ``"weighted"`` (by the reply's ``num-examples``, capped) or ``"uniform"``.
     uniform_denominator : float | None
