@@ -11,13 +11,10 @@ from flwr.app import ConfigRecord, RecordDict
 
 RECORD = "secagg"
 STAGE = "stage"
-ADVERTISE, DISTRIBUTE, TRAIN, UPLOAD, UNMASK = (
-    "advertise",
-    "distribute",
-    "train",
-    "upload",
-    "unmask",
-)
+ADVERTISE, DISTRIBUTE, TRAIN, UPLOAD = "advertise", "distribute", "train", "upload"
+CONSISTENCY, UNMASK = "consistency", "unmask"
+# Node config keys (file paths) that give a node its signing key and trusted roster.
+NODE_SIGNING_KEY, NODE_ROSTER = "secagg-signing-key", "secagg-roster"
 MOD_NAME = "flower_privacy.mods.secagg_mod"
 
 

@@ -131,6 +131,26 @@ def preset(
     typer.echo(to_overrides(load_federation_preset(find_preset(name))))
 
 
+keys_app = typer.Typer(help="Keys for the privacy mechanisms.")
+app.add_typer(keys_app, name="keys")
+
+
+@keys_app.command("signing")
+def keys_signing(
+    nodes: Annotated[int, typer.Option(help="How many nodes get a signing key.")],
+    out: Annotated[Path, typer.Option(help="Folder for node-<i>.key files and roster.txt.")],
+) -> None:
+    """Signing keys and a roster for secure aggregation's consistency check."""
+    from flower_privacy.secagg.signing import write_signing_keys
+
+    paths, roster = write_signing_keys(out, nodes)
+    typer.echo(f"wrote {len(paths)} signing keys and {roster}")
+    typer.echo(
+        'give node i: --node-config "secagg-signing-key=<out>/node-i.key '
+        'secagg-roster=<out>/roster.txt ..."; keep each key on its own node'
+    )
+
+
 bench_app = typer.Typer(help="Benchmarks that print figures measured in one run.")
 app.add_typer(bench_app, name="bench")
 

@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 
 from flower_privacy.secagg import protocol as p
+from flower_privacy.secagg import signing
 from flower_privacy.secagg.quantize import Quantizer
 
 QUANT = Quantizer(clip_range=4.0, max_weight=100, max_clients=50)
@@ -15,23 +16,46 @@ class Federation:
     """n clients and a server exchanging the protocol's dicts directly."""
 
     def __init__(
-        self, n: int, *, degree: int | None = None, fraction: float = 0.5, first_id: int = 101
+        self,
+        n: int,
+        *,
+        degree: int | None = None,
+        fraction: float = 0.5,
+        first_id: int = 101,
+        consistency: bool = False,
     ) -> None:
         self.ids = list(range(first_id, first_id + n))
-        self.server = p.SecAggServer(threshold_fraction=fraction, degree=degree)
+        self.server = p.SecAggServer(
+            threshold_fraction=fraction, degree=degree, consistency=consistency
+        )
         self.clients = {i: p.ClientState(node_id=i) for i in self.ids}
+        self.identities: dict[int, p.Identity | None] = {i: None for i in self.ids}
+        if consistency:
+            private = {i: signing.generate_signing_key() for i in self.ids}
+            roster = frozenset(signing.signing_public_key(k) for k in private.values())
+            self.identities = {i: p.Identity(private[i], roster) for i in self.ids}
         self.setup(self.ids)
 
     def setup(self, nodes: list[int]) -> None:
         for node in self.server.nodes_to_key(nodes):
-            reply = p.client_advertise(self.clients[node], self.server.advertise_request())
+            request = self.server.advertise_request()
+            reply = p.client_advertise(self.clients[node], request, self.identities[node])
             self.server.accept_advertisement(node, reply)
         request = self.server.distribute_request(nodes)
         self.server.accept_distributions(
-            {n: p.client_distribute(self.clients[n], request) for n in nodes}
+            {n: p.client_distribute(self.clients[n], request, self.identities[n]) for n in nodes}
         )
 
-    def round(self, rnd, updates, weights, *, drop_before_upload=(), drop_in_unmask=()):  # noqa: ANN001, ANN201
+    def round(
+        self,
+        rnd,
+        updates,
+        weights,
+        *,
+        drop_before_upload=(),
+        drop_in_unmask=(),
+        drop_in_consistency=(),
+    ):  # noqa: ANN001, ANN201
         cohort = sorted(updates)
         request = self.server.train_request(rnd, cohort)
         length = len(next(iter(updates.values())))
@@ -41,10 +65,19 @@ class Federation:
             )
             if node not in drop_before_upload:
                 assert self.server.accept_upload(node, upload, length) is None
+        if self.server.consistency:
+            signed = {
+                node: p.client_consistency(self.clients[node], req, self.identities[node])
+                for node, req in self.server.consistency_requests().items()
+                if node not in drop_in_consistency
+            }
+            self.server.accept_consistency(signed)
         replies = {}
         for node, req in self.server.unmask_requests().items():
             if node not in drop_in_unmask:
-                replies[node] = p.client_unmask(self.clients[node], req)
+                replies[node] = p.client_unmask(
+                    self.clients[node], req, identity=self.identities[node]
+                )
         return self.server.unmask(replies, length)
 
 
@@ -94,8 +127,13 @@ def test_dropouts_after_upload_and_during_unmask_are_survived() -> None:
     np.testing.assert_allclose(
         QUANT.decode_sum(result.total, result.weight), mean, atol=2 * QUANT.resolution
     )
-    # The rebuilt keys are burned: those nodes must re-key before the next round.
-    assert sorted(fed.server.rekey) == gone
+    # Rebuilt keys are burned, and a survivor that missed unmasking cannot tell whether
+    # its key was rebuilt: all of them re-key before the next round.
+    assert sorted(fed.server.rekey) == sorted(gone + silent)
+    with pytest.raises(p.RefusedError, match="never unmasked with this node as a survivor"):
+        p.client_upload(
+            fed.clients[105], fed.server.train_request(2, fed.ids), updates[105], 1, QUANT
+        )
     with pytest.raises(p.RefusedError, match="not re-keyed"):
         p.client_upload(
             fed.clients[101], fed.server.train_request(2, fed.ids), updates[101], 1, QUANT
@@ -225,3 +263,96 @@ def test_a_burned_key_never_unlocks_self_masks() -> None:
     request = fed.server.train_request(2, fed.ids)
     with pytest.raises(p.RefusedError, match=r"nodes \[102\] were not re-keyed"):
         p.client_upload(fed.clients[101], request, updates[101], 1, QUANT)
+
+
+# -- the consistency option: signed keys and signed survivor lists ----------------------
+
+
+def test_consistency_option_with_dropouts_in_every_stage() -> None:
+    fed = Federation(9, consistency=True)
+    updates, weights = _updates(fed.ids, 64, seed=3)
+    result = fed.round(
+        1,
+        updates,
+        weights,
+        drop_before_upload=[102],
+        drop_in_consistency=[104],
+        drop_in_unmask=[106],
+    )
+    survivors = [i for i in fed.ids if i != 102]
+    mean, total_w = _expected(updates, weights, survivors)
+    assert result.weight == total_w
+    np.testing.assert_allclose(
+        QUANT.decode_sum(result.total, result.weight), mean, atol=2 * QUANT.resolution
+    )
+    assert {102, 104, 106} <= fed.server.rekey
+
+
+def _signed_round(fed: Federation, victim_view: dict | None = None):  # noqa: ANN202
+    updates, weights = _updates(fed.ids, 8)
+    request = fed.server.train_request(1, fed.ids)
+    for node in fed.ids:
+        upload, _ = p.client_upload(fed.clients[node], request, updates[node], weights[node], QUANT)
+        fed.server.accept_upload(node, upload, 8)
+    requests = fed.server.consistency_requests()
+    signed = {}
+    for node, req in requests.items():
+        shown = dict(req, **victim_view) if victim_view and node == 101 else req
+        signed[node] = p.client_consistency(fed.clients[node], shown, fed.identities[node])
+    fed.server.accept_consistency(signed)
+    return fed.server.unmask_requests()
+
+
+def test_a_split_view_of_the_survivor_list_is_caught() -> None:
+    # The server shows node 101 a list in which 103 dropped, everyone else the truth.
+    fed = Federation(6, consistency=True)
+    others = [i for i in fed.ids if i != 103]
+    requests = _signed_round(fed, victim_view={"survivors": others, "dropped": [103]})
+    assert 101 not in requests  # its signature is not on the true lists
+    forged = dict(requests[102], survivors=others, dropped=[103])
+    fed.clients[101].signed = [others, [103]]
+    with pytest.raises(p.RefusedError, match="neighbours signed the lists this node signed"):
+        p.client_unmask(fed.clients[101], forged, identity=fed.identities[101])
+
+
+def test_unmasking_without_the_consistency_stage_is_refused() -> None:
+    fed = Federation(5, consistency=True)
+    requests = _signed_round(fed)
+    fed.clients[101].signed = []
+    with pytest.raises(p.RefusedError, match="differ from the lists this node signed"):
+        p.client_unmask(fed.clients[101], requests[101], identity=fed.identities[101])
+
+
+def test_substituted_or_unsigned_keys_are_refused() -> None:
+    fed = Federation(5, consistency=True)
+    for node in fed.ids:
+        reply = p.client_advertise(
+            fed.clients[node], fed.server.advertise_request(), fed.identities[node]
+        )
+        fed.server.accept_advertisement(node, reply)
+    honest = fed.server.distribute_request(fed.ids)
+    target, victim = 101, 102
+    idx = honest["node-ids"].index(victim)
+    swapped = list(honest["public-keys"])
+    swapped[idx] = p.client_advertise(p.ClientState(node_id=999), {"run": fed.server.run})[
+        "public-key"
+    ]
+    with pytest.raises(p.RefusedError, match="node 102's key signature does not verify"):
+        p.client_distribute(
+            fed.clients[target], dict(honest, **{"public-keys": swapped}), fed.identities[target]
+        )
+    outsider = signing.generate_signing_key()
+    signers = list(honest["signing-keys"])
+    signers[idx] = signing.signing_public_key(outsider)
+    with pytest.raises(p.RefusedError, match="node 102's signing key is not in the roster"):
+        p.client_distribute(
+            fed.clients[target], dict(honest, **{"signing-keys": signers}), fed.identities[target]
+        )
+    unsigned = {k: v for k, v in honest.items() if k not in ("signing-keys", "key-signatures")}
+    with pytest.raises(p.RefusedError, match="without their owners' signatures"):
+        p.client_distribute(fed.clients[target], unsigned, fed.identities[target])
+
+
+def test_an_identity_must_trust_its_own_key() -> None:
+    with pytest.raises(ValueError, match="not in the roster"):
+        p.Identity(signing.generate_signing_key(), frozenset())

@@ -321,3 +321,62 @@ def test_a_node_without_the_mod_is_left_out_with_a_warning(caplog) -> None:  # n
     assert result.train_metrics_clientapp[1]["secagg-clients"] == 4
     assert "node 1003, advertise stage: error reply" in caplog.text
     _assert_mean(result, 4, [1001, 1002, 1004, 1005])
+
+
+def test_a_survivor_that_missed_unmasking_rekeys_before_its_next_round() -> None:
+    grid = InProcessGrid(_updates_app(8), num_nodes=5)
+    grid.drop_node(1003, when=_stage(wire.UNMASK, 1), only_matching=True)
+    result = _secagg(5).start(grid, _zeros(), num_rounds=2)
+    assert result.train_metrics_clientapp[2]["secagg-clients"] == 5
+    advertised = [
+        e.node_id
+        for e in grid.transcript
+        if e.direction == "to-node" and wire.stage_of(e.message.content) == wire.ADVERTISE
+    ]
+    assert advertised.count(1003) == 2 and advertised.count(1001) == 1
+
+
+# -- the consistency option ---------------------------------------------------------
+
+
+def _signed_grid(tmp_path, n: int, seed: int = 1) -> InProcessGrid:  # noqa: ANN001
+    from flower_privacy.secagg.signing import write_signing_keys
+
+    paths, roster = write_signing_keys(tmp_path / "keys", n)
+    configs = [{wire.NODE_SIGNING_KEY: str(path), wire.NODE_ROSTER: str(roster)} for path in paths]
+    return InProcessGrid(_updates_app(seed), num_nodes=n, node_configs=configs)
+
+
+def test_consistency_check_runs_one_more_exchange_and_keeps_the_mean(tmp_path) -> None:  # noqa: ANN001
+    grid = _signed_grid(tmp_path, 6, seed=12)
+    grid.drop_node(1002, when=_stage(wire.CONSISTENCY, 1), only_matching=True)
+    result = _secagg(6, consistency_check=True).start(grid, _zeros(), num_rounds=2)
+    expected = _expected_mean(12, list(grid.contexts))  # each round adds the same mean
+    for key in SHAPES:
+        np.testing.assert_allclose(result.arrays[key].numpy(), 2 * expected[key], atol=2e-3)
+    stages = [wire.stage_of(e.message.content) for e in grid.transcript if e.direction == "to-node"]
+    assert stages.count(wire.CONSISTENCY) == 12 and stages.count(wire.UNMASK) == 11
+
+
+def test_consistency_check_catches_lists_that_differ_from_the_signed_ones(tmp_path) -> None:  # noqa: ANN001
+    # The server shows the target at unmasking a survivor list without 1003, unlike the
+    # lists everyone (the target included) signed in the consistency stage.
+    grid = _signed_grid(tmp_path, 6)
+
+    def split(msg: Message) -> Message:
+        if msg.metadata.dst_node_id == TARGET and wire.stage_of(msg.content) == wire.UNMASK:
+            payload = wire.payload_of(msg.content)
+            survivors = [n for n in payload["survivors"] if n != 1003]
+            payload.update(survivors=survivors, dropped=sorted([*payload["dropped"], 1003]))
+            msg.content[wire.RECORD] = wire.to_record(wire.UNMASK, payload)
+        return msg
+
+    grid.intercept(split)
+    reason = _run_attacked(grid, 6, consistency_check=True)
+    assert "the unmask lists differ from the lists this node signed" in reason
+
+
+def test_consistency_check_without_signing_keys_fails_naming_the_node_config() -> None:
+    grid = InProcessGrid(_updates_app(1), num_nodes=4)
+    with pytest.raises(RunHaltedError, match="secagg-signing-key"):
+        _secagg(4, consistency_check=True).start(grid, _zeros(), num_rounds=1)

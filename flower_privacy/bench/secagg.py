@@ -11,6 +11,7 @@ import json
 import logging
 import os
 import statistics
+import tempfile
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -238,23 +239,32 @@ def unmask_seconds(clients: int = 100, dropped: int = 10, params: int = 1_000_00
 def deployment(params: int = 10_000, rounds: int = 4) -> dict:
     """Steady-state round time through a real SuperLink with 3 SuperNodes."""
     from flower_privacy.harness.deployment import LocalDeployment
+    from flower_privacy.secagg.signing import write_signing_keys
 
+    names = {"none": "fedavg_s", "secagg": "secagg_s", "secagg-consistency": "secagg_consistency_s"}
     out = {}
-    for privacy in ("none", "secagg"):
-        with LocalDeployment(3) as dep:
-            outcome = dep.run(
-                _REPO / "apps" / "synthetic",
-                timeout=900,
-                run_config=[f"num-params={params} num-server-rounds={rounds} privacy='{privacy}'"],
-            )
-        if not outcome.completed:
-            raise RuntimeError(
-                f"deployment run ({privacy}) failed: {outcome.status} {outcome.details}"
-            )
-        line = next(x for x in reversed(outcome.log) if "round-seconds:" in x)
-        seconds = json.loads(line.split("round-seconds:", 1)[1])
-        out["fedavg_s" if privacy == "none" else "secagg_s"] = statistics.median(seconds[1:])
-    out["secagg_consistency_s"] = None  # the signed-list consistency option is not built yet
+    with tempfile.TemporaryDirectory(prefix="flower-privacy-keys-") as keys_dir:
+        key_paths, roster = write_signing_keys(Path(keys_dir), 3)
+
+        def signing_config(index: int) -> dict[str, str]:
+            return {"secagg-signing-key": str(key_paths[index]), "secagg-roster": str(roster)}
+
+        for privacy, name in names.items():
+            with LocalDeployment(3, node_config=signing_config) as dep:
+                outcome = dep.run(
+                    _REPO / "apps" / "synthetic",
+                    timeout=900,
+                    run_config=[
+                        f"num-params={params} num-server-rounds={rounds} privacy='{privacy}'"
+                    ],
+                )
+            if not outcome.completed:
+                raise RuntimeError(
+                    f"deployment run ({privacy}) failed: {outcome.status} {outcome.details}"
+                )
+            line = next(x for x in reversed(outcome.log) if "round-seconds:" in x)
+            seconds = json.loads(line.split("round-seconds:", 1)[1])
+            out[name] = statistics.median(seconds[1:])
     return out
 
 

@@ -28,7 +28,8 @@ class LocalDeployment:
     """``flower-superlink`` plus ``num_supernodes`` ``flower-supernode`` processes.
 
     TLS with a fresh local CA by default. Node ``i`` gets ``node-config``
-    ``partition-id=i num-partitions=num_supernodes``. Use as a context manager: every
+    ``partition-id=i num-partitions=num_supernodes`` plus ``node_config(i)``. Use as a
+    context manager: every
     process is stopped on exit, even after a failure.
     """
 
@@ -39,6 +40,7 @@ class LocalDeployment:
         tls: bool = True,
         workdir: Path | None = None,
         startup_timeout: float = 60.0,
+        node_config: Callable[[int], dict[str, str]] | None = None,
     ) -> None:
         if num_supernodes < 1:
             raise ValueError(f"num_supernodes must be >= 1, got {num_supernodes}")
@@ -47,6 +49,7 @@ class LocalDeployment:
         self.num_supernodes = num_supernodes
         self.tls = tls
         self.startup_timeout = startup_timeout
+        self.node_config = node_config
         self.port = free_port()
         self.cli = FlowerCli(self.workdir / "flwr-home")
         self.tls_files: TlsFiles | None = None
@@ -103,7 +106,7 @@ class LocalDeployment:
                             "--port",
                             str(free_port()),
                             "--node-config",
-                            f"partition-id={index} num-partitions={self.num_supernodes}",
+                            self._node_config_text(index),
                         ],
                         f"supernode-{index}.log",
                     )
@@ -117,6 +120,12 @@ class LocalDeployment:
             self.__exit__(None, None, None)
             raise
         return self
+
+    def _node_config_text(self, index: int) -> str:
+        text = f"partition-id={index} num-partitions={self.num_supernodes}"
+        for key, value in (self.node_config(index) if self.node_config else {}).items():
+            text += f' {key}="{value}"'
+        return text
 
     def kill_supernode(self, index: int) -> None:
         """SIGKILL SuperNode ``index`` and its ClientApp processes (a crash, no goodbye)."""

@@ -8,13 +8,14 @@ then replaces the plain reply by the masked, quantised, weighted update.
 from __future__ import annotations
 
 from collections.abc import Callable
+from pathlib import Path
 
 import numpy as np
 from flwr.app import ConfigRecord, Context, Error, Message, RecordDict
 
 from flower_privacy import _flwr_compat as compat
 from flower_privacy import _secagg_wire as wire
-from flower_privacy.secagg import protocol
+from flower_privacy.secagg import protocol, signing
 from flower_privacy.secagg.quantize import Quantizer
 
 _STATE_KEY = "flower-privacy.secagg"
@@ -28,10 +29,15 @@ class SecAggMod:
     unmask_rule : callable, optional
         ``rule(survivors, dropped, cohort)`` returns a reason to refuse an unmask
         request (e.g. an incomplete group), or None to allow it.
+
+    A node whose node config names a signing key file (``secagg-signing-key``) and a
+    roster file (``secagg-roster``, from ``flower-privacy keys signing``) signs its key
+    and survivor lists and insists on the server's consistency check.
     """
 
     def __init__(self, unmask_rule: protocol.UnmaskRule | None = None) -> None:
         self.unmask_rule = unmask_rule
+        self._identities: dict[tuple[str, str], protocol.Identity] = {}
 
     def __call__(
         self, msg: Message, context: Context, call_next: Callable[[Message, Context], Message]
@@ -42,19 +48,27 @@ class SecAggMod:
         state = _load(context)
         request = wire.payload_of(msg.content)
         try:
+            identity = self._identity(context)
             if stage == wire.ADVERTISE:
-                reply = protocol.client_advertise(state, request)
+                reply = protocol.client_advertise(state, request, identity)
             elif stage == wire.DISTRIBUTE:
-                reply = protocol.client_distribute(state, request)
+                reply = protocol.client_distribute(state, request, identity)
+            elif stage == wire.CONSISTENCY:
+                if identity is None:
+                    raise protocol.RefusedError(
+                        f"the consistency check needs a signing key: set node config "
+                        f"{wire.NODE_SIGNING_KEY} and {wire.NODE_ROSTER}"
+                    )
+                reply = protocol.client_consistency(state, request, identity)
             elif stage == wire.TRAIN:
                 reply = self._train(msg, context, call_next, state, request)
                 if isinstance(reply, Message):
                     return reply  # the app's own error reply
             elif stage == wire.UNMASK:
-                reply = protocol.client_unmask(state, request, self.unmask_rule)
+                reply = protocol.client_unmask(state, request, self.unmask_rule, identity)
             else:
                 raise protocol.RefusedError(f"unknown stage {stage!r}")
-        except (protocol.RefusedError, ValueError) as err:
+        except (protocol.RefusedError, ValueError, OSError) as err:
             _save(context, state)
             return Message(
                 Error(
@@ -66,6 +80,23 @@ class SecAggMod:
         _save(context, state)
         out_stage = wire.UPLOAD if stage == wire.TRAIN else stage
         return Message(RecordDict({wire.RECORD: wire.to_record(out_stage, reply)}), reply_to=msg)
+
+    def _identity(self, context: Context) -> protocol.Identity | None:
+        key_path = context.node_config.get(wire.NODE_SIGNING_KEY)
+        roster_path = context.node_config.get(wire.NODE_ROSTER)
+        if key_path is None and roster_path is None:
+            return None
+        if key_path is None or roster_path is None:
+            raise ValueError(
+                f"node config needs both {wire.NODE_SIGNING_KEY} and {wire.NODE_ROSTER}"
+            )
+        cache_key = (str(key_path), str(roster_path))
+        if cache_key not in self._identities:
+            self._identities[cache_key] = protocol.Identity(
+                signing.read_private_key(Path(str(key_path))),
+                frozenset(signing.read_roster(Path(str(roster_path)))),
+            )
+        return self._identities[cache_key]
 
     def _train(self, msg, context, call_next, state, request):  # noqa: ANN001, ANN202
         arrays_key = str(request["arrays-key"])

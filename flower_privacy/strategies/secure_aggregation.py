@@ -83,6 +83,14 @@ class SecureAggregation(StrictRounds):
     uniform_denominator : float | None
         In uniform mode, divide the sum by this fixed number instead of the number of
         survivors (client-level DP needs a data-independent denominator).
+    trust_inner_is_mean : bool
+        Accept an inner strategy not known to aggregate by weighted mean.
+    consistency_check : bool
+        Bonawitz et al.'s check against a server that shows different clients different
+        survivor lists: clients sign their keys and the lists (signing keys and a roster
+        from ``flower-privacy keys signing``, named in each node's config) and unmask
+        only with enough neighbours' signatures on the same lists. One more exchange
+        per round.
     """
 
     def __init__(
@@ -97,6 +105,7 @@ class SecureAggregation(StrictRounds):
         weighting: str = "weighted",
         uniform_denominator: float | None = None,
         trust_inner_is_mean: bool = False,
+        consistency_check: bool = False,
         min_train_replies: int | None = None,
         max_failed_rounds: int = 0,
         node_wait_timeout: float = 300.0,
@@ -123,7 +132,8 @@ class SecureAggregation(StrictRounds):
         self.weighting = weighting
         self.uniform_denominator = uniform_denominator
         self.threshold_fraction, self.degree = threshold_fraction, degree
-        self.protocol = protocol.SecAggServer(threshold_fraction=threshold_fraction, degree=degree)
+        self.consistency_check = consistency_check
+        self.protocol = self._new_protocol()
         self.arrays_key = str(getattr(strategy, "arrayrecord_key", "arrays"))
         self.weight_key = str(getattr(strategy, "weighted_by_key", "num-examples"))
         self._grid: Grid | None = None
@@ -131,6 +141,13 @@ class SecureAggregation(StrictRounds):
         self._cohort: list[int] = []
 
     # -- seams for multi-round privacy (node selection, which survivors to unmask) --------
+
+    def _new_protocol(self) -> protocol.SecAggServer:
+        return protocol.SecAggServer(
+            threshold_fraction=self.threshold_fraction,
+            degree=self.degree,
+            consistency=self.consistency_check,
+        )
 
     def select_nodes(self, server_round: int, sampled: list[int], grid: Grid) -> list[int]:
         """The round's cohort; by default the nodes the inner strategy sampled."""
@@ -140,9 +157,7 @@ class SecureAggregation(StrictRounds):
 
     def start(self, grid: Grid, initial_arrays: ArrayRecord, *args, **kwargs) -> PrivacyResult:  # noqa: ANN002, ANN003
         """Run like :meth:`StrictRounds.start`; every call is a new protocol run (fresh keys)."""
-        self.protocol = protocol.SecAggServer(
-            threshold_fraction=self.threshold_fraction, degree=self.degree
-        )
+        self.protocol = self._new_protocol()
         return super().start(grid, initial_arrays, *args, **kwargs)
 
     def summary(self) -> None:
@@ -226,6 +241,11 @@ class SecureAggregation(StrictRounds):
                 f"{len(survivors_replies)} masked uploads of {len(self._cohort)}, "
                 f"at least {self.min_train_replies} needed",
             )
+        if self.consistency_check:
+            signed = self._exchange(
+                server_round, wire.CONSISTENCY, self.protocol.consistency_requests()
+            )
+            self.protocol.accept_consistency(signed)
         unmask_replies = self._exchange(server_round, wire.UNMASK, self.protocol.unmask_requests())
         try:
             result = self.protocol.unmask(unmask_replies, length)
@@ -294,10 +314,19 @@ class SecureAggregation(StrictRounds):
             if to_key:
                 request = self.protocol.advertise_request()
                 replies = self._exchange(server_round, wire.ADVERTISE, {n: request for n in to_key})
+                accepted, problems = set(), []
                 for node in to_key:
-                    if node in replies:
+                    if node not in replies:
+                        continue
+                    try:
                         self.protocol.accept_advertisement(node, replies[node])
-                population = [n for n in population if n in replies or n not in to_key]
+                        accepted.add(node)
+                    except protocol.ProtocolError as err:
+                        problems.append(str(err))
+                        log(WARNING, "round %d: %s", server_round, err)
+                if problems and not accepted:
+                    raise RoundFailedError(server_round, f"key set-up: {problems[0]}")
+                population = [n for n in population if n in accepted or n not in to_key]
             if not self.protocol.needs_distribution(population):
                 return population
             if len(population) < 3:

@@ -59,6 +59,8 @@ class InProcessGrid(Grid):
     serialize : bool
         Pass every message through Flower's protobuf encoding, as a SuperLink would
         (catches values that only work in memory). On by default.
+    node_configs : Sequence[UserConfig] | None
+        Extra ``node_config`` entries per node (e.g. key file paths), in node order.
     """
 
     def __init__(
@@ -70,6 +72,7 @@ class InProcessGrid(Grid):
         node_ids: Sequence[int] | None = None,
         run_id: int = 1,
         serialize: bool = True,
+        node_configs: Sequence[UserConfig] | None = None,
     ) -> None:
         if num_nodes < 1:
             raise ValueError(f"num_nodes must be >= 1, got {num_nodes}")
@@ -81,11 +84,14 @@ class InProcessGrid(Grid):
         self.client_app = client_app
         self.serialize = serialize
         self.run_config: UserConfig = dict(run_config or {})
+        extra = list(node_configs) if node_configs is not None else [{}] * num_nodes
+        if len(extra) != num_nodes:
+            raise ValueError(f"node_configs must have {num_nodes} entries, got {len(extra)}")
         self.contexts: dict[int, Context] = {
             node_id: Context(
                 run_id=run_id,
                 node_id=node_id,
-                node_config={"partition-id": index, "num-partitions": num_nodes},
+                node_config={"partition-id": index, "num-partitions": num_nodes, **extra[index]},
                 state=RecordDict(),
                 run_config=dict(self.run_config),
             )

@@ -47,12 +47,16 @@ def main(grid: Grid, context: Context) -> None:
     n = int(cfg["min-nodes"])
     inner = FedAvg(min_available_nodes=n, min_train_nodes=n, fraction_evaluate=0.0)
     privacy = str(cfg["privacy"])
-    if privacy == "secagg":
-        strategy = SecureAggregation(inner, max_weight=100)
+    if privacy in ("secagg", "secagg-consistency"):
+        consistency = privacy == "secagg-consistency"
+        strategy = SecureAggregation(inner, max_weight=100, consistency_check=consistency)
     elif privacy == "none":
         strategy = StrictRounds(inner)
     else:
-        raise ValueError(f"run config 'privacy' must be 'none' or 'secagg', got {privacy!r}")
+        raise ValueError(
+            "run config 'privacy' must be 'none', 'secagg' or 'secagg-consistency', "
+            f"got {privacy!r}"
+        )
     marks: list[float] = []
 
     def stamp(server_round: int, arrays: ArrayRecord) -> None:
