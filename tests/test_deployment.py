@@ -3,21 +3,30 @@
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 
 import pytest
-from conftest import DIGITS_APP
+from conftest import DIGITS_APP, REPO_ROOT
 
 from flower_privacy.harness.deployment import LocalDeployment
 
 pytestmark = [pytest.mark.deployment, pytest.mark.timeout(600)]
+SYNTHETIC_APP = REPO_ROOT / "apps" / "synthetic"
 
 
-def test_tls_deployment_runs_the_digits_app(no_leftover_processes, capsys) -> None:
-    round_started: list[float] = []
+def _round_timer() -> tuple[list[float], Callable[[str, int | None], None]]:
+    """Times at which the streamed log shows a round starting (and the run ending)."""
+    marks: list[float] = []
 
     def watch(line: str, run_id: int | None) -> None:
         if "[ROUND " in line or "Strategy execution finished" in line:
-            round_started.append(time.monotonic())
+            marks.append(time.monotonic())
+
+    return marks, watch
+
+
+def test_tls_deployment_runs_the_digits_app(no_leftover_processes, capsys) -> None:
+    round_started, watch = _round_timer()
 
     with LocalDeployment(2) as deployment:
         outcome = deployment.run(
@@ -51,13 +60,17 @@ def test_a_killed_supernode_is_survived_within_a_bound(no_leftover_processes) ->
             killed_at.append(time.monotonic())
 
     with deployment:
+        # The synthetic app starts fast: round 1 fits a short round timeout.
         outcome = deployment.run(
-            DIGITS_APP,
-            run_config=["num-server-rounds=3 min-nodes=2 clients-per-round=0 round-timeout=20.0"],
+            SYNTHETIC_APP,
+            run_config=["num-params=1000 num-server-rounds=3 min-nodes=2 round-timeout=20.0"],
             timeout=420,
             on_line=kill_in_round_two,
         )
-    assert killed_at, "the run never reached round 2"
+    assert killed_at, (
+        f"the run never reached round 2: {outcome.status}: {outcome.details}\n"
+        + "\n".join(outcome.log[-60:])
+    )
     assert outcome.completed, f"{outcome.status}: {outcome.details}\n" + "\n".join(
         outcome.log[-40:]
     )
@@ -67,11 +80,7 @@ def test_a_killed_supernode_is_survived_within_a_bound(no_leftover_processes) ->
 
 
 def test_secure_aggregation_through_a_real_deployment(no_leftover_processes, capsys) -> None:  # noqa: ANN001
-    marks: list[tuple[str, float]] = []
-
-    def watch(line: str, run_id: int | None) -> None:
-        if "[ROUND " in line or "Strategy execution finished" in line:
-            marks.append((line, time.monotonic()))
+    times, watch = _round_timer()
 
     with LocalDeployment(3) as deployment:
         outcome = deployment.run(
@@ -85,7 +94,6 @@ def test_secure_aggregation_through_a_real_deployment(no_leftover_processes, cap
     )
     assert sum("securely aggregated 3 clients" in line for line in outcome.log) == 2
     assert outcome.final_accuracy is not None and outcome.final_accuracy > 0.5
-    times = [t for _, t in marks]
     rounds = [b - a for a, b in zip(times, times[1:], strict=False)]
     with capsys.disabled():
         print(

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from flower_privacy.secagg import protocol as p
 from flower_privacy.secagg import signing
@@ -45,6 +47,16 @@ class Federation:
         self.server.accept_distributions(
             {n: p.client_distribute(self.clients[n], request, self.identities[n]) for n in nodes}
         )
+
+    def upload_all(self, rnd: int = 1, dim: int = 8) -> None:
+        """Every node uploads a random update for round ``rnd``."""
+        updates, weights = _updates(self.ids, dim)
+        request = self.server.train_request(rnd, self.ids)
+        for node in self.ids:
+            upload, _ = p.client_upload(
+                self.clients[node], request, updates[node], weights[node], QUANT
+            )
+            assert self.server.accept_upload(node, upload, dim) is None
 
     def round(
         self,
@@ -165,11 +177,7 @@ def test_a_single_upload_is_indistinguishable_from_random() -> None:
 
 def _uploaded(n: int = 6):  # noqa: ANN202
     fed = Federation(n)
-    updates, weights = _updates(fed.ids, 8)
-    request = fed.server.train_request(1, fed.ids)
-    for node in fed.ids:
-        upload, _ = p.client_upload(fed.clients[node], request, updates[node], weights[node], QUANT)
-        fed.server.accept_upload(node, upload, 8)
+    fed.upload_all()
     return fed, fed.server.unmask_requests()
 
 
@@ -188,11 +196,7 @@ def test_refuses_a_node_listed_as_survivor_and_dropped() -> None:
 
 def test_refuses_shares_of_a_node_outside_its_neighbourhood() -> None:
     fed = Federation(12, degree=4)
-    updates, weights = _updates(fed.ids, 8)
-    request = fed.server.train_request(1, fed.ids)
-    for node in fed.ids:
-        upload, _ = p.client_upload(fed.clients[node], request, updates[node], weights[node], QUANT)
-        fed.server.accept_upload(node, upload, 8)
+    fed.upload_all()
     requests = fed.server.unmask_requests()
     target = 101
     stranger = next(i for i in fed.ids if i != target and i not in fed.clients[target].neighbours())
@@ -289,11 +293,7 @@ def test_consistency_option_with_dropouts_in_every_stage() -> None:
 
 
 def _signed_round(fed: Federation, victim_view: dict | None = None):  # noqa: ANN202
-    updates, weights = _updates(fed.ids, 8)
-    request = fed.server.train_request(1, fed.ids)
-    for node in fed.ids:
-        upload, _ = p.client_upload(fed.clients[node], request, updates[node], weights[node], QUANT)
-        fed.server.accept_upload(node, upload, 8)
+    fed.upload_all()
     requests = fed.server.consistency_requests()
     signed = {}
     for node, req in requests.items():
@@ -356,3 +356,37 @@ def test_substituted_or_unsigned_keys_are_refused() -> None:
 def test_an_identity_must_trust_its_own_key() -> None:
     with pytest.raises(ValueError, match="not in the roster"):
         p.Identity(signing.generate_signing_key(), frozenset())
+
+
+# -- property: the secure mean is the weighted mean, for any shapes, weights, dropouts --
+
+
+@st.composite
+def _scenarios(draw):  # noqa: ANN001, ANN202
+    n = draw(st.integers(min_value=3, max_value=8))  # complete graph: n - 1 neighbours
+    dim = draw(st.integers(min_value=1, max_value=300))
+    threshold = (n - 1) // 2 + 1
+    budget = draw(st.integers(min_value=0, max_value=n - 1 - threshold))
+    missing = draw(st.permutations(range(n)).map(lambda order: list(order)[:budget]))
+    split = draw(st.integers(min_value=0, max_value=budget))
+    weights = draw(st.lists(st.integers(1, 100), min_size=n, max_size=n))
+    seed = draw(st.integers(0, 2**32 - 1))
+    return n, dim, missing[:split], missing[split:], weights, seed
+
+
+@settings(max_examples=40, deadline=None)
+@given(_scenarios())
+def test_property_secure_mean_survives_any_tolerable_dropout_pattern(scenario) -> None:  # noqa: ANN001
+    n, dim, before_upload, in_unmask, weights, seed = scenario
+    fed = Federation(n)
+    rng = np.random.default_rng(seed)
+    updates = {i: rng.uniform(-4, 4, dim) for i in fed.ids}
+    weight_of = dict(zip(fed.ids, weights, strict=True))
+    gone = [fed.ids[i] for i in before_upload]
+    silent = [fed.ids[i] for i in in_unmask]
+    result = fed.round(1, updates, weight_of, drop_before_upload=gone, drop_in_unmask=silent)
+    survivors = [i for i in fed.ids if i not in gone]
+    mean, total_w = _expected(updates, weight_of, survivors)
+    assert result.weight == total_w and result.dropped == sorted(gone)
+    bound = len(survivors) * QUANT.resolution / total_w
+    np.testing.assert_allclose(QUANT.decode_sum(result.total, result.weight), mean, atol=bound)
