@@ -250,7 +250,10 @@ def deployment(params: int = 10_000, rounds: int = 4) -> dict:
             return {"secagg-signing-key": str(key_paths[index]), "secagg-roster": str(roster)}
 
         for privacy, name in names.items():
-            with LocalDeployment(3, node_config=signing_config) as dep:
+            # Only the consistency run gets signing keys: a node with a roster insists
+            # on signed keys and lists.
+            extra = signing_config if privacy == "secagg-consistency" else None
+            with LocalDeployment(3, node_config=extra) as dep:
                 outcome = dep.run(
                     _REPO / "apps" / "synthetic",
                     timeout=900,

@@ -193,7 +193,10 @@ def client_upload(
     vector += expand_mask(self_seed, _context(state.run, rnd, state.node_id), vector.size)
     for peer in peers:
         mask = expand_mask(state.pair(peer).mask_seed, _context(state.run, rnd), vector.size)
-        vector += mask if _sign(state.node_id, peer) > 0 else (np.uint32(0) - mask)
+        if _sign(state.node_id, peer) > 0:
+            vector += mask
+        else:
+            vector -= mask  # uint32 arithmetic wraps modulo 2^32
     t = graph.threshold(len(peers), state.threshold_fraction)
     shares = shamir.split(self_seed, t, len(peers))
     sealed = [

@@ -36,4 +36,6 @@ def expand_mask(seed: bytes, context: bytes, length: int) -> np.ndarray:
 
 def uniform_floats(seed: bytes, context: bytes, length: int) -> np.ndarray:
     """``length`` floats uniform in [0, 1) from the same keystream construction."""
-    return expand_mask(seed, context, length).astype(np.float64) * (1.0 / 2**32)
+    out = expand_mask(seed, context, length).astype(np.float64)
+    out *= 1.0 / 2**32
+    return out

@@ -85,11 +85,12 @@ class Quantizer:
         # float64 keeps every integer of the scaled range exact before rounding.
         scaled = np.clip(update, -self.clip_range, self.clip_range).astype(np.float64)
         scaled *= capped * self.scale
-        floor = np.floor(scaled)
-        noise = uniform_floats(seed or os.urandom(32), b"stochastic-rounding", update.size)
-        rounded = floor + (noise < (scaled - floor))
+        # Stochastic rounding, unbiased: floor(x + U) with U uniform in [0, 1).
+        scaled += uniform_floats(seed or os.urandom(32), b"stochastic-rounding", update.size)
+        np.floor(scaled, out=scaled)
         return Encoded(
-            values=(rounded.astype(np.int64) % MODULUS).astype(np.uint32),
+            # int64 -> uint32 wraps modulo 2^32: negatives become their residues.
+            values=scaled.astype(np.int64).astype(np.uint32),
             clipped=clipped,
             weight=capped,
             weight_capped=capped != int(weight),

@@ -280,7 +280,10 @@ class SecAggServer:
                 pair = keys.pair_secrets(private_key, node, self.roster[peer][0], peer, self.run)
                 mask = expand_mask(pair.mask_seed, _context(self.run, self._round), total.size)
                 # The survivor added sign(peer, node) * mask: take it away.
-                total -= mask if _sign(peer, node) > 0 else (np.uint32(0) - mask)
+                if _sign(peer, node) > 0:
+                    total -= mask
+                else:
+                    total += mask
         return RoundResult(
             total=total[:length],
             weight=int(total[length]),
