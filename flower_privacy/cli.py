@@ -184,6 +184,28 @@ def bench_secagg(
             typer.echo(f"{key}: {value}")
 
 
+@bench_app.command("multiround")
+def bench_multiround(
+    as_json: Annotated[bool, typer.Option("--json", help="Print one JSON object.")] = False,
+    trials: Annotated[int, typer.Option(help="Trials averaged per row.")] = 20,
+    rounds: Annotated[int, typer.Option(help="Rounds per trial.")] = 200,
+) -> None:
+    """So et al.'s simulation: N=120, K=12, 30% unavailable; T, clients per round, fairness."""
+    import json
+
+    from flower_privacy.bench import multiround
+
+    result = multiround.run(trials=trials, rounds=rounds, log=lambda x: typer.echo(x, err=True))
+    if as_json:
+        typer.echo(json.dumps(result))
+        return
+    for row in result["rows"]:
+        typer.echo(
+            f"{row['selection']:>10} T={row['group_size']}: privacy T {row['privacy_t']}, "
+            f"{row['avg_clients']:.2f} clients per round, fairness gap {row['fairness_gap']:.3f}"
+        )
+
+
 def main() -> None:  # pragma: no cover - console entry point
     app(prog_name="flower-privacy")
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import tomllib
 
 import numpy as np
@@ -37,6 +38,17 @@ def test_secure_aggregation_matches_plain_fedavg_accuracy(caplog) -> None:  # no
     secure = _run(caplog, privacy="secagg", seed=7)
     assert "securely aggregated 10 clients" in caplog.text
     assert abs(secure - plain) <= 0.02, f"secagg {secure:.3f} vs plain {plain:.3f}"
+
+
+def test_group_selection_matches_random_selection_accuracy(caplog) -> None:  # noqa: ANN001
+    common = {"privacy": "secagg", "clients-per-round": 6, "seed": 7}
+    randomly = _run(caplog, **common, **{"secagg-group-size": 0})
+    caplog.clear()
+    grouped = _run(caplog, **common, **{"secagg-group-size": 2})
+    # The audit reaches the group size (and never goes below it).
+    audited = [int(t) for t in re.findall(r"'secagg-privacy-t': (\d+)", caplog.text)]
+    assert audited and min(audited) == 2
+    assert abs(grouped - randomly) <= 0.02, f"groups {grouped:.3f} vs random {randomly:.3f}"
 
 
 def test_clients_per_round_samples_exactly_that_many(caplog) -> None:

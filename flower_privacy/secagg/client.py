@@ -9,7 +9,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from flower_privacy.secagg import graph, keys, shamir, signing
+from flower_privacy.secagg import graph, groups, keys, shamir, signing
 from flower_privacy.secagg._common import (
     RefusedError,
     UnmaskRule,
@@ -55,6 +55,8 @@ class ClientState:
     burned: dict[int, int] = field(default_factory=dict)  # node -> epoch whose key we revealed
     signers: dict[int, bytes] = field(default_factory=dict)  # node -> signing key, this run
     signed: list[list[int]] = field(default_factory=list)  # [survivors, dropped] we signed
+    groups: list[list[int]] = field(default_factory=list)  # this round's groups, if any
+    generations: list[list[int]] = field(default_factory=list)  # group generations seen
 
     def to_bytes(self) -> bytes:
         data = {
@@ -72,6 +74,8 @@ class ClientState:
             "burned": {str(k): v for k, v in self.burned.items()},
             "signers": {str(k): v.hex() for k, v in self.signers.items()},
             "signed": self.signed,
+            "groups": self.groups,
+            "generations": self.generations,
         }
         return base64.b64encode(json.dumps(data).encode())
 
@@ -93,6 +97,8 @@ class ClientState:
             burned={int(k): v for k, v in data["burned"].items()},
             signers={int(k): bytes.fromhex(v) for k, v in data["signers"].items()},
             signed=data["signed"],
+            groups=data["groups"],
+            generations=data["generations"],
         )
 
     def neighbours(self) -> list[int]:
@@ -180,8 +186,9 @@ def client_upload(
             f"round {state.round}'s upload was never unmasked with this node as a survivor; "
             "its key must be renewed first"
         )
+    round_groups = _checked_groups(state, request, cohort)
     state.round, state.cohort, state.uploaded, state.unmasked = rnd, cohort, False, False
-    state.signed = []
+    state.signed, state.groups = [], round_groups
     peers = state.round_neighbours()
     if len(peers) < 2:
         raise RefusedError(f"only {len(peers)} neighbour(s) in the cohort; at least 2 needed")
@@ -234,6 +241,9 @@ def client_unmask(
     round_peers = state.round_neighbours()
     if identity is not None:
         _check_consistency(state, request, survivors, dropped)
+    broken = groups.incomplete_groups(state.groups, survivors)
+    if broken:
+        raise RefusedError(f"groups {broken} are incomplete in the survivor list")
     if rule is not None and (why := rule(survivors, dropped, state.cohort)) is not None:
         raise RefusedError(f"unmask rule: {why}")
     owners = [int(x) for x in request["from"]]
@@ -302,6 +312,30 @@ def _checked_lists(state: ClientState, request: dict, stage: str) -> tuple[list[
             f"only {len(live_peers)} surviving neighbours named, fewer than the threshold {t}"
         )
     return survivors, dropped
+
+
+def _checked_groups(state: ClientState, request: dict, cohort: list[int]) -> list[list[int]]:
+    """The round's groups, recomputed from the run seed; the cohort must be whole groups."""
+    if "group-size" not in request:
+        return []
+    size = int(request["group-size"])
+    if size < 2:
+        raise RefusedError(f"group size {size} protects nobody: at least 2 needed")
+    try:
+        generations = groups.unflatten(
+            [int(x) for x in request["generation-nodes"]],
+            [int(x) for x in request["generation-sizes"]],
+        )
+        round_groups = groups.groups_from_generations(generations, size, state.run)
+    except ValueError as err:
+        raise RefusedError(f"the groups are not a partition of the run's nodes: {err}") from None
+    if generations[: len(state.generations)] != state.generations:
+        # Regrouping could let rounds be differenced down to fewer than T nodes.
+        raise RefusedError("the server regrouped nodes: groups formed earlier changed")
+    if not groups.is_union_of_groups(round_groups, cohort):
+        raise RefusedError("the cohort is not a union of whole groups")
+    state.generations = generations
+    return round_groups
 
 
 def _check_signed_keys(

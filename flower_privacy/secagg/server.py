@@ -195,6 +195,28 @@ class SecAggServer:
             ):
                 self._signatures[node] = signature
 
+    def exclude(self, nodes: list[int]) -> None:
+        """Treat uploaded ``nodes`` as dropped (e.g. the rest of an incomplete group).
+
+        They will not be asked to unmask, so they re-key before their next round.
+        """
+        for node in nodes:
+            if self._uploads.pop(node, None) is not None:
+                self.rekey.add(node)
+
+    def abandon_round(self) -> None:
+        """The round failed after uploads: its nodes re-key before they take part again.
+
+        Uploaders were not unmasked as survivors (they refuse to mask under their keys
+        again), and shares of the dropped nodes' keys may already have been revealed.
+        """
+        self.rekey.update(self._cohort)
+        self._uploads = {}
+
+    def survivors(self) -> list[int]:
+        """Nodes whose upload is kept this round."""
+        return sorted(self._uploads)
+
     def unmask_requests(self) -> dict[int, dict]:
         """Per survivor: the survivor/dropped lists and the sealed shares it holds.
 

@@ -36,6 +36,7 @@ from flwr.serverapp.strategy import (
 from flower_privacy import _secagg_wire as wire
 from flower_privacy.errors import RoundFailedError
 from flower_privacy.secagg import protocol
+from flower_privacy.secagg.multiround import GroupPlan
 from flower_privacy.secagg.quantize import Quantizer
 from flower_privacy.strategies.result import PrivacyResult
 from flower_privacy.strategies.strict_rounds import StrictRounds
@@ -91,6 +92,18 @@ class SecureAggregation(StrictRounds):
         from ``flower-privacy keys signing``, named in each node's config) and unmask
         only with enough neighbours' signatures on the same lists. One more exchange
         per round.
+    group_size : int | None
+        Multi-round privacy (So et al., AAAI-23): nodes are partitioned into fixed groups
+        of this size, recomputable by every client from the run seed; each round takes
+        whole groups, and a group with a member missing is left out whole, so that no
+        combination of rounds' aggregates isolates fewer than ``group_size`` nodes.
+        None: the inner strategy samples (no multi-round protection).
+    selection : str
+        With groups: ``"least-used"`` (fair), ``"poisson"`` (each group with probability
+        ``sampling_rate``: Poisson sampling of every node) or ``"random"`` (per node,
+        the unsafe baseline, for comparisons only).
+    sampling_rate : float | None
+        Group sampling probability for ``"poisson"``.
     """
 
     def __init__(
@@ -106,6 +119,9 @@ class SecureAggregation(StrictRounds):
         uniform_denominator: float | None = None,
         trust_inner_is_mean: bool = False,
         consistency_check: bool = False,
+        group_size: int | None = None,
+        selection: str = "least-used",
+        sampling_rate: float | None = None,
         min_train_replies: int | None = None,
         max_failed_rounds: int = 0,
         node_wait_timeout: float = 300.0,
@@ -133,25 +149,48 @@ class SecureAggregation(StrictRounds):
         self.uniform_denominator = uniform_denominator
         self.threshold_fraction, self.degree = threshold_fraction, degree
         self.consistency_check = consistency_check
+        if group_size is not None:
+            # Validate now (the plan is rebuilt with each run's seed).
+            GroupPlan(group_size, selection, b"", sampling_rate)
+            if selection == "random":
+                log(WARNING, "selection='random' gives no multi-round privacy: for baselines only")
+        self.group_size, self.selection, self.sampling_rate = group_size, selection, sampling_rate
+        self.plan: GroupPlan | None = None
         self.protocol = self._new_protocol()
         self.arrays_key = str(getattr(strategy, "arrayrecord_key", "arrays"))
         self.weight_key = str(getattr(strategy, "weighted_by_key", "num-examples"))
         self._grid: Grid | None = None
+        self._stage_notes: list[str] = []
         self._global: ArrayRecord | None = None
         self._cohort: list[int] = []
 
     # -- seams for multi-round privacy (node selection, which survivors to unmask) --------
 
     def _new_protocol(self) -> protocol.SecAggServer:
-        return protocol.SecAggServer(
+        server = protocol.SecAggServer(
             threshold_fraction=self.threshold_fraction,
             degree=self.degree,
             consistency=self.consistency_check,
         )
+        self.plan = (
+            GroupPlan(self.group_size, self.selection, server.run, self.sampling_rate)
+            if self.group_size is not None
+            else None
+        )
+        return server
 
-    def select_nodes(self, server_round: int, sampled: list[int], grid: Grid) -> list[int]:
-        """The round's cohort; by default the nodes the inner strategy sampled."""
-        return sampled
+    def select_nodes(
+        self, server_round: int, sampled: list[int], population: list[int]
+    ) -> list[int]:
+        """The round's cohort among the keyed ``population``.
+
+        With groups, whole groups chosen by the selection rule (as many nodes as the
+        inner strategy sampled); without, the nodes the inner strategy sampled.
+        """
+        if self.plan is None:
+            return sorted(n for n in sampled if n in population)
+        self.plan.update(population)
+        return self.plan.select(population, len(sampled))
 
     # -- Strategy ---------------------------------------------------------------------
 
@@ -180,9 +219,10 @@ class SecureAggregation(StrictRounds):
         inner = list(super().configure_train(server_round, arrays, config, grid))
         if not inner:
             return []
-        cohort = self.select_nodes(server_round, [m.metadata.dst_node_id for m in inner], grid)
         population = self._ensure_keys(server_round, sorted(grid.get_node_ids()))
-        cohort = sorted(n for n in cohort if n in population)
+        cohort = self.select_nodes(
+            server_round, [m.metadata.dst_node_id for m in inner], population
+        )
         if len(cohort) > self.quantizer.max_clients:
             raise RoundFailedError(
                 server_round,
@@ -197,6 +237,8 @@ class SecureAggregation(StrictRounds):
             request = self.protocol.train_request(server_round, cohort)
         except protocol.ProtocolError as err:
             raise RoundFailedError(server_round, str(err)) from None
+        if self.plan is not None and self.plan.rule != "random":
+            request.update(self.plan.request_fields())
         request.update(
             {
                 "arrays-key": self.arrays_key,
@@ -219,7 +261,16 @@ class SecureAggregation(StrictRounds):
     def aggregate_train(
         self, server_round: int, replies: Iterable[Message]
     ) -> tuple[ArrayRecord | None, MetricRecord | None]:
-        replies = list(replies)
+        try:
+            return self._secure_aggregate(server_round, list(replies))
+        except RoundFailedError:
+            # Uploaders not unmasked as survivors refuse to mask under their keys again.
+            self.protocol.abandon_round()
+            raise
+
+    def _secure_aggregate(
+        self, server_round: int, replies: list[Message]
+    ) -> tuple[ArrayRecord | None, MetricRecord | None]:
         assert self._global is not None and self._grid is not None
         length = sum(int(np.prod(a.shape)) for a in self._global.values())
         self._log_silent_nodes(server_round, "training", self._cohort, replies)
@@ -235,6 +286,20 @@ class SecureAggregation(StrictRounds):
                 log(
                     WARNING, "round %d: upload of node %s unusable: %s", server_round, node, problem
                 )
+        excluded: list[int] = []
+        if self.plan is not None:
+            kept, excluded = self.plan.keep(self.protocol.survivors())
+            if excluded:
+                log(
+                    WARNING,
+                    "round %d: nodes %s left out: their groups are incomplete",
+                    server_round,
+                    excluded,
+                )
+                self.protocol.exclude(excluded)
+                survivors_replies = [
+                    r for r in survivors_replies if r.metadata.src_node_id in set(kept)
+                ]
         if len(survivors_replies) < self.min_train_replies:
             raise RoundFailedError(
                 server_round,
@@ -272,9 +337,20 @@ class SecureAggregation(StrictRounds):
             {
                 "secagg-clients": len(result.survivors),
                 "secagg-dropped": len(result.dropped),
+                "secagg-excluded": len(excluded),
                 "secagg-clipped": result.clipped,
             }
         )
+        if self.plan is not None:
+            checked = self.plan.record(result.survivors)
+            privacy_t = checked.exact if checked.exact is not None else checked.lower_bound
+            metrics["secagg-privacy-t"] = privacy_t
+            if self.plan.rule != "random" and privacy_t < self.plan.group_size:
+                raise RoundFailedError(
+                    server_round,
+                    f"the participation audit found T={privacy_t} < group_size="
+                    f"{self.plan.group_size}: refusing to go on",
+                )
         if result.clipped:
             log(
                 WARNING,
@@ -344,7 +420,9 @@ class SecureAggregation(StrictRounds):
                 return population
             population = [n for n in population if n in replies]
         raise RoundFailedError(
-            server_round, f"key set-up did not complete: {len(population)} nodes left"
+            server_round,
+            f"key set-up did not complete: {len(population)} nodes left "
+            f"({'; '.join(self._stage_notes[-3:]) or 'no details'})",
         )
 
     def _exchange(
@@ -364,6 +442,7 @@ class SecureAggregation(StrictRounds):
         ]
         replies = list(self._grid.send_and_receive(messages, timeout=self.round_timeout))
         good, problems = {}, []
+        self._stage_notes = []
         for reply in replies:
             problem = self._stage_problem(reply, stage, server_round)
             if problem is None:
@@ -388,6 +467,7 @@ class SecureAggregation(StrictRounds):
         silent = sorted(set(requests) - {r.metadata.src_node_id for r in replies})
         if silent:
             log(WARNING, "round %d: no %s reply from node(s) %s", server_round, stage, silent)
+        self._stage_notes = problems + ([f"no {stage} reply from {silent}"] if silent else [])
         return good
 
     def _stage_problem(self, reply: Message, stage: str, server_round: int) -> str | None:

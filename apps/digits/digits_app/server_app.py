@@ -28,11 +28,14 @@ def build_strategy(privacy: str, inner: Strategy, cfg: dict | None = None) -> St
     if privacy == "none":
         return StrictRounds(inner)
     if privacy == "secagg":
+        group_size = int(cfg.get("secagg-group-size", 0))
         return SecureAggregation(
             inner,
             clip_range=float(cfg.get("secagg-clip-range", 1.0)),
             max_weight=int(cfg.get("secagg-max-weight", 1000)),
             max_clients=int(cfg.get("secagg-max-clients", 100)),
+            group_size=group_size or None,
+            selection=str(cfg.get("secagg-selection", "least-used")),
         )
     raise ValueError(f"run config 'privacy' must be one of {PRIVACY_MODES}, got {privacy!r}")
 
