@@ -85,7 +85,10 @@ def test_secure_aggregation_through_a_real_deployment(no_leftover_processes, cap
     with LocalDeployment(3) as deployment:
         outcome = deployment.run(
             DIGITS_APP,
-            run_config=["num-server-rounds=2 min-nodes=3 privacy='secagg' round-timeout=120.0"],
+            run_config=[
+                "num-server-rounds=2 min-nodes=3 privacy='secagg' secagg-group-size=3 "
+                "round-timeout=120.0"
+            ],
             timeout=540,
             on_line=watch,
         )
@@ -93,6 +96,7 @@ def test_secure_aggregation_through_a_real_deployment(no_leftover_processes, cap
         outcome.log[-40:]
     )
     assert sum("securely aggregated 3 clients" in line for line in outcome.log) == 2
+    assert any("'secagg-privacy-t': 3" in line for line in outcome.log)
     assert outcome.final_accuracy is not None and outcome.final_accuracy > 0.5
     rounds = [b - a for a, b in zip(times, times[1:], strict=False)]
     with capsys.disabled():
