@@ -266,3 +266,28 @@ def test_differencing_recovers_a_client_only_without_groups(selection_rule, reco
             np.mean([_secret(m) for m in group], axis=0),
             atol=1e-2,
         )
+
+
+@pytest.mark.parametrize("stage", [wire.ADVERTISE, wire.DISTRIBUTE, wire.TRAIN, wire.UNMASK])
+def test_aggregates_stay_unions_of_whole_groups_with_a_dropout_at_each_stage(stage) -> None:  # noqa: ANN001
+    grid = InProcessGrid(_fixed_secret_app(), num_nodes=12)
+    victim = 1005
+    grid.drop_node(
+        victim,
+        when=lambda m: (
+            wire.stage_of(m.content) == stage
+            and int(wire.payload_of(m.content).get("round", 1)) == 1
+        ),
+        only_matching=True,
+    )
+    strategy = SecureAggregation(
+        _inner(12, 12), group_size=3, min_train_replies=3, degree=11, max_failed_rounds=3
+    )
+    result, _ = _run(strategy, grid, rounds=3)
+    assert sorted(result.train_metrics_clientapp) == [1, 2, 3]
+    for members in strategy.plan.history:
+        assert groups.is_union_of_groups(strategy.plan.groups, sorted(members))
+    first = strategy.plan.history[0]
+    # Missing before or at the upload: the victim (and its group) is not in round 1's sum;
+    # silent only at unmasking: its upload counts.
+    assert (victim in first) == (stage == wire.UNMASK)
