@@ -151,6 +151,70 @@ def keys_signing(
     )
 
 
+dp_app = typer.Typer(help="Differential privacy accounting.")
+app.add_typer(dp_app, name="dp")
+_ACCOUNTANT_HELP = "pld (tight, default), prv (Opacus) or rdp (looser bound)."
+
+
+@dp_app.command("epsilon")
+def dp_epsilon(
+    noise_multiplier: Annotated[float, typer.Option(help="Noise std over the clipping norm.")],
+    sampling_rate: Annotated[float, typer.Option(help="Poisson rate q (1: every client).")],
+    rounds: Annotated[int, typer.Option(help="Rounds composed.")],
+    delta: Annotated[float, typer.Option(help="Target δ.")],
+    accountant: Annotated[str, typer.Option(help=_ACCOUNTANT_HELP)] = "pld",
+    as_json: Annotated[bool, typer.Option("--json", help="Print one JSON object.")] = False,
+) -> None:
+    """ε of Poisson-subsampled Gaussian rounds (add/remove one client's data)."""
+    import json
+
+    from flower_privacy.dp.accounting import GaussianRounds, epsilon
+
+    try:
+        value = epsilon(GaussianRounds(noise_multiplier, sampling_rate, rounds), delta, accountant)
+    except ValueError as err:
+        typer.secho(f"error: {err}", fg="red", err=True)
+        raise typer.Exit(code=2) from None
+    typer.echo(
+        json.dumps({"epsilon": value, "delta": delta, "accountant": accountant})
+        if as_json
+        else f"epsilon = {value:.4f} at delta = {delta:g} ({accountant})"
+    )
+
+
+@dp_app.command("calibrate")
+def dp_calibrate(
+    target_epsilon: Annotated[float, typer.Option(help="ε to meet.")],
+    sampling_rate: Annotated[float, typer.Option(help="Poisson rate q (1: every client).")],
+    rounds: Annotated[int, typer.Option(help="Rounds composed.")],
+    delta: Annotated[float, typer.Option(help="Target δ.")],
+    accountant: Annotated[str, typer.Option(help=_ACCOUNTANT_HELP)] = "pld",
+    as_json: Annotated[bool, typer.Option("--json", help="Print one JSON object.")] = False,
+) -> None:
+    """The smallest noise multiplier that meets a target ε."""
+    import json
+
+    from flower_privacy.dp.accounting import calibrate
+
+    try:
+        z = calibrate(target_epsilon, delta, sampling_rate, rounds, accountant)
+    except ValueError as err:
+        typer.secho(f"error: {err}", fg="red", err=True)
+        raise typer.Exit(code=2) from None
+    typer.echo(
+        json.dumps(
+            {
+                "noise_multiplier": z,
+                "target_epsilon": target_epsilon,
+                "delta": delta,
+                "accountant": accountant,
+            }
+        )
+        if as_json
+        else f"noise multiplier = {z:.4f} ({accountant})"
+    )
+
+
 bench_app = typer.Typer(help="Benchmarks that print figures measured in one run.")
 app.add_typer(bench_app, name="bench")
 
