@@ -28,9 +28,20 @@ class GroupPlan:
         The run seed every client also knows (the partition is recomputed from it).
     rate : float | None
         Group sampling probability for ``"poisson"``.
+    selection_seed : int | None
+        Makes ``least-used`` tie-breaks and ``random`` reproducible (experiments only).
+        Refused for ``poisson``: its sampling carries a privacy claim and always comes
+        from the OS CSPRNG.
     """
 
-    def __init__(self, group_size: int, rule: str, seed: bytes, rate: float | None = None) -> None:
+    def __init__(
+        self,
+        group_size: int,
+        rule: str,
+        seed: bytes,
+        rate: float | None = None,
+        selection_seed: int | None = None,
+    ) -> None:
         if group_size < 2:
             raise ValueError(f"group_size must be >= 2, got {group_size}")
         if rule not in selection.SELECTIONS:
@@ -42,7 +53,13 @@ class GroupPlan:
         self.groups: list[list[int]] = []
         self.usage: dict[int, int] = {}
         self.history: list[set[int]] = []
-        self._rng = random.SystemRandom()  # poisson sampling must be truly random
+        if rule == "poisson" and selection_seed is not None:
+            raise ValueError(
+                "poisson selection takes no seed: its sampling carries a privacy claim"
+            )
+        self._rng = (
+            random.Random(selection_seed) if selection_seed is not None else random.SystemRandom()
+        )
 
     def update(self, population: list[int]) -> None:
         """Group newly keyed nodes once there are ``group_size`` of them."""

@@ -104,6 +104,9 @@ class SecureAggregation(StrictRounds):
         the unsafe baseline, for comparisons only).
     sampling_rate : float | None
         Group sampling probability for ``"poisson"``.
+    selection_seed : int | None
+        Reproducible ``least-used`` tie-breaks and ``random`` selection, for experiments;
+        refused with ``"poisson"`` (its sampling always comes from the OS CSPRNG).
     """
 
     def __init__(
@@ -122,6 +125,7 @@ class SecureAggregation(StrictRounds):
         group_size: int | None = None,
         selection: str = "least-used",
         sampling_rate: float | None = None,
+        selection_seed: int | None = None,
         min_train_replies: int | None = None,
         max_failed_rounds: int = 0,
         node_wait_timeout: float = 300.0,
@@ -151,10 +155,11 @@ class SecureAggregation(StrictRounds):
         self.consistency_check = consistency_check
         if group_size is not None:
             # Validate now (the plan is rebuilt with each run's seed).
-            GroupPlan(group_size, selection, b"", sampling_rate)
+            GroupPlan(group_size, selection, b"", sampling_rate, selection_seed)
             if selection == "random":
                 log(WARNING, "selection='random' gives no multi-round privacy: for baselines only")
         self.group_size, self.selection, self.sampling_rate = group_size, selection, sampling_rate
+        self.selection_seed = selection_seed
         self.plan: GroupPlan | None = None
         self.protocol = self._new_protocol()
         self.arrays_key = str(getattr(strategy, "arrayrecord_key", "arrays"))
@@ -173,7 +178,13 @@ class SecureAggregation(StrictRounds):
             consistency=self.consistency_check,
         )
         self.plan = (
-            GroupPlan(self.group_size, self.selection, server.run, self.sampling_rate)
+            GroupPlan(
+                self.group_size,
+                self.selection,
+                server.run,
+                self.sampling_rate,
+                self.selection_seed,
+            )
             if self.group_size is not None
             else None
         )

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import random
 from logging import INFO
 
 import torch
@@ -29,13 +30,16 @@ def build_strategy(privacy: str, inner: Strategy, cfg: dict | None = None) -> St
         return StrictRounds(inner)
     if privacy == "secagg":
         group_size = int(cfg.get("secagg-group-size", 0))
+        selection = str(cfg.get("secagg-selection", "least-used"))
         return SecureAggregation(
             inner,
             clip_range=float(cfg.get("secagg-clip-range", 1.0)),
             max_weight=int(cfg.get("secagg-max-weight", 1000)),
             max_clients=int(cfg.get("secagg-max-clients", 100)),
             group_size=group_size or None,
-            selection=str(cfg.get("secagg-selection", "least-used")),
+            selection=selection,
+            # Reproducible experiments; poisson sampling always uses the OS CSPRNG.
+            selection_seed=None if selection == "poisson" else int(cfg.get("seed", 0)),
         )
     raise ValueError(f"run config 'privacy' must be one of {PRIVACY_MODES}, got {privacy!r}")
 
@@ -80,6 +84,8 @@ def final_accuracy(result: PrivacyResult) -> float | None:
 def main(grid: Grid, context: Context) -> None:
     """Train for ``num-server-rounds`` rounds and log the final accuracy."""
     cfg = context.run_config
+    # Flower's FedAvg samples with the global `random`: seeded, runs are reproducible.
+    random.seed(int(cfg["seed"]))
     privacy = str(cfg["privacy"])
     dataset = str(cfg["dataset"])
     torch.manual_seed(int(cfg["seed"]))
