@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import sys
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Annotated
 
@@ -25,6 +27,16 @@ app = typer.Typer(
 )
 _REPO_ROOT = Path(__file__).resolve().parents[1]
 DEMO_APP = _REPO_ROOT / "apps" / "digits"
+
+
+@contextmanager
+def _user_errors(*kinds: type[Exception]) -> Iterator[None]:
+    """Turn the given errors into one red line and exit code 2."""
+    try:
+        yield
+    except kinds as err:
+        typer.secho(f"error: {err}", fg=typer.colors.RED, err=True)
+        raise typer.Exit(code=2) from None
 
 
 def _echo(line: str) -> None:
@@ -72,14 +84,8 @@ def simulate(
     preset_path = find_preset(preset)
     federation = load_federation_preset(preset_path)
     typer.echo(f"federation preset {preset_path.name}: {to_overrides(federation)}")
-    try:
-        with LocalSimulation() as sim:
-            outcome = sim.run(
-                app_dir, federation, run_config=run_config, echo=_echo, timeout=timeout
-            )
-    except GpuUnavailableError as err:
-        typer.secho(f"error: {err}", fg=typer.colors.RED, err=True)
-        raise typer.Exit(code=2) from None
+    with _user_errors(GpuUnavailableError), LocalSimulation() as sim:
+        outcome = sim.run(app_dir, federation, run_config=run_config, echo=_echo, timeout=timeout)
     _report(outcome, started)
 
 
@@ -170,11 +176,8 @@ def dp_epsilon(
 
     from flower_privacy.dp.accounting import GaussianRounds, epsilon
 
-    try:
+    with _user_errors(ValueError):
         value = epsilon(GaussianRounds(noise_multiplier, sampling_rate, rounds), delta, accountant)
-    except ValueError as err:
-        typer.secho(f"error: {err}", fg="red", err=True)
-        raise typer.Exit(code=2) from None
     typer.echo(
         json.dumps({"epsilon": value, "delta": delta, "accountant": accountant})
         if as_json
@@ -196,11 +199,8 @@ def dp_calibrate(
 
     from flower_privacy.dp.accounting import calibrate
 
-    try:
+    with _user_errors(ValueError):
         z = calibrate(target_epsilon, delta, sampling_rate, rounds, accountant)
-    except ValueError as err:
-        typer.secho(f"error: {err}", fg="red", err=True)
-        raise typer.Exit(code=2) from None
     typer.echo(
         json.dumps(
             {

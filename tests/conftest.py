@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import subprocess
 import sys
 from pathlib import Path
 
@@ -20,6 +21,24 @@ os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
 # The digits app is importable in-process, as `flwr run` would import it.
 if str(DIGITS_APP) not in sys.path:
     sys.path.insert(0, str(DIGITS_APP))
+
+
+def run_cli(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
+    """Run ``flower-privacy ARGS`` with this interpreter; output captured as text."""
+    return subprocess.run(
+        [sys.executable, "-m", "flower_privacy.cli", *args],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env={**os.environ, **(env or {})},
+    )
+
+
+def assert_completed(outcome) -> None:  # noqa: ANN001 - a harness RunOutcome
+    """Fail with the run's status and last log lines unless it finished completed."""
+    assert outcome.completed, f"{outcome.status}: {outcome.details}\n" + "\n".join(
+        outcome.log[-40:]
+    )
 
 
 def make_toy_client_app(

@@ -6,7 +6,7 @@ import time
 from collections.abc import Callable
 
 import pytest
-from conftest import DIGITS_APP, REPO_ROOT
+from conftest import DIGITS_APP, REPO_ROOT, assert_completed
 
 from flower_privacy.harness.deployment import LocalDeployment
 
@@ -25,6 +25,13 @@ def _round_timer() -> tuple[list[float], Callable[[str, int | None], None]]:
     return marks, watch
 
 
+def _print_round_times(label: str, marks: list[float], capsys, extra: str = "") -> None:  # noqa: ANN001
+    """Show seconds per round in the test output (figures for the closing note)."""
+    rounds = [b - a for a, b in zip(marks, marks[1:], strict=False)]
+    with capsys.disabled():
+        print(f"\n[{label}] seconds per round: {', '.join(f'{r:.1f}' for r in rounds)}{extra}")
+
+
 def test_tls_deployment_runs_the_digits_app(no_leftover_processes, capsys) -> None:
     round_started, watch = _round_timer()
 
@@ -37,17 +44,12 @@ def test_tls_deployment_runs_the_digits_app(no_leftover_processes, capsys) -> No
         )
         superlink_log = deployment.log("superlink.log")
         assert deployment.tls_files is not None
-    assert outcome.completed, f"{outcome.status}: {outcome.details}\n" + "\n".join(
-        outcome.log[-40:]
-    )
+    assert_completed(outcome)
     assert "insecure" not in superlink_log.lower()
     assert outcome.final_accuracy is not None and outcome.final_accuracy > 0.5
-    rounds = [b - a for a, b in zip(round_started, round_started[1:], strict=False)]
-    with capsys.disabled():
-        print(
-            f"\n[deployment] {len(rounds)} rounds, seconds per round: "
-            f"{', '.join(f'{r:.1f}' for r in rounds)}; run wall time {outcome.wall_seconds:.1f} s"
-        )
+    _print_round_times(
+        "deployment", round_started, capsys, f"; run wall time {outcome.wall_seconds:.1f} s"
+    )
 
 
 def test_a_killed_supernode_is_survived_within_a_bound(no_leftover_processes) -> None:
@@ -71,9 +73,7 @@ def test_a_killed_supernode_is_survived_within_a_bound(no_leftover_processes) ->
         f"the run never reached round 2: {outcome.status}: {outcome.details}\n"
         + "\n".join(outcome.log[-60:])
     )
-    assert outcome.completed, f"{outcome.status}: {outcome.details}\n" + "\n".join(
-        outcome.log[-40:]
-    )
+    assert_completed(outcome)
     # The strategy names the node that stopped answering, and the survivors finish.
     assert any("reply from node(s)" in line for line in outcome.log)
     assert time.monotonic() - killed_at[0] < 240
@@ -92,15 +92,8 @@ def test_secure_aggregation_through_a_real_deployment(no_leftover_processes, cap
             timeout=540,
             on_line=watch,
         )
-    assert outcome.completed, f"{outcome.status}: {outcome.details}\n" + "\n".join(
-        outcome.log[-40:]
-    )
+    assert_completed(outcome)
     assert sum("securely aggregated 3 clients" in line for line in outcome.log) == 2
     assert any("'secagg-privacy-t': 3" in line for line in outcome.log)
     assert outcome.final_accuracy is not None and outcome.final_accuracy > 0.5
-    rounds = [b - a for a, b in zip(times, times[1:], strict=False)]
-    with capsys.disabled():
-        print(
-            f"\n[deployment secagg] seconds per round (round 1 includes key set-up): "
-            f"{', '.join(f'{r:.1f}' for r in rounds)}"
-        )
+    _print_round_times("deployment secagg, round 1 includes key set-up", times, capsys)

@@ -3,11 +3,10 @@
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
 
 import dp_accounting
 import pytest
+from conftest import run_cli
 from dp_accounting.pld import PLDAccountant
 
 from flower_privacy.dp.accounting import GaussianRounds, calibrate, epsilon
@@ -61,47 +60,9 @@ def test_bad_parameters_are_named() -> None:
 
 
 def test_cli_prints_one_json_object() -> None:
-    res = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "flower_privacy.cli",
-            "dp",
-            "epsilon",
-            "--noise-multiplier",
-            "1",
-            "--sampling-rate",
-            "0.01",
-            "--rounds",
-            "1000",
-            "--delta",
-            "1e-5",
-            "--json",
-        ],
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
+    args = ["dp", "epsilon", "--noise-multiplier", "1", "--delta", "1e-5"]
+    res = run_cli(*args, "--sampling-rate", "0.01", "--rounds", "1000", "--json")
     assert res.returncode == 0, res.stderr
     assert json.loads(res.stdout)["epsilon"] == pytest.approx(1.828, abs=0.005)
-    bad = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "flower_privacy.cli",
-            "dp",
-            "epsilon",
-            "--noise-multiplier",
-            "1",
-            "--sampling-rate",
-            "2",
-            "--rounds",
-            "10",
-            "--delta",
-            "1e-5",
-        ],
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
+    bad = run_cli(*args, "--sampling-rate", "2", "--rounds", "10")
     assert bad.returncode == 2 and "sampling_rate must be in (0, 1]" in bad.stderr

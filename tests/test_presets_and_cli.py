@@ -2,14 +2,11 @@
 
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
 import time
 import tomllib
 
 import pytest
-from conftest import DIGITS_APP, REPO_ROOT
+from conftest import DIGITS_APP, REPO_ROOT, run_cli
 
 from flower_privacy.harness import presets
 
@@ -73,25 +70,15 @@ def test_joining_a_ray_cluster_drops_init_args() -> None:
     assert joined["num-supernodes"] == values["num-supernodes"]
 
 
-def _cli(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
-    return subprocess.run(
-        [sys.executable, "-m", "flower_privacy.cli", *args],
-        capture_output=True,
-        text=True,
-        timeout=120,
-        env={**os.environ, **(env or {})},
-    )
-
-
 def test_cli_help_lists_the_commands() -> None:
-    res = _cli("--help")
+    res = run_cli("--help")
     assert res.returncode == 0
     for name in ("simulate", "demo", "deploy", "preset"):
         assert name in res.stdout
 
 
 def test_cli_preset_prints_the_federation_config_string() -> None:
-    res = _cli("preset", "cpu-10")
+    res = run_cli("preset", "cpu-10")
     assert res.returncode == 0
     assert res.stdout.strip() == (
         "num-supernodes=10 client-resources-num-cpus=1 client-resources-num-gpus=0.0 "
@@ -102,7 +89,7 @@ def test_cli_preset_prints_the_federation_config_string() -> None:
 def test_cli_simulate_with_a_gpu_preset_fails_within_seconds_naming_the_gpu() -> None:
     # Hiding every GPU makes this the GPU-less path on any machine.
     t0 = time.monotonic()
-    res = _cli(
+    res = run_cli(
         "simulate", str(DIGITS_APP), "--preset", "gpu-half", env={"CUDA_VISIBLE_DEVICES": ""}
     )
     assert res.returncode == 2
@@ -113,7 +100,7 @@ def test_cli_simulate_with_a_gpu_preset_fails_within_seconds_naming_the_gpu() ->
 def test_cli_bench_secagg_prints_one_json_object_with_every_figure() -> None:
     import json
 
-    res = _cli("bench", "secagg", "--json", "--quick", "--no-deployment")
+    res = run_cli("bench", "secagg", "--json", "--quick", "--no-deployment")
     assert res.returncode == 0, res.stderr[-2000:]
     result = json.loads(res.stdout)
     assert [c["clients"] for c in result["cases"]] == [5, 10]

@@ -6,7 +6,7 @@ import subprocess
 from pathlib import Path
 
 import pytest
-from conftest import DIGITS_APP, REPO_ROOT
+from conftest import DIGITS_APP, REPO_ROOT, assert_completed
 
 from flower_privacy.harness.presets import find_preset, load_federation_preset, to_overrides
 from flower_privacy.harness.processes import (
@@ -37,9 +37,7 @@ def test_digits_runs_with_flwr_run_on_ray(no_leftover_processes) -> None:
     federation = load_federation_preset(find_preset("cpu-10"))
     with LocalSimulation() as sim:
         outcome = sim.run(DIGITS_APP, federation, run_config=["num-server-rounds=2"], timeout=300)
-    assert outcome.completed, f"{outcome.status}: {outcome.details}\n" + "\n".join(
-        outcome.log[-40:]
-    )
+    assert_completed(outcome)
     assert outcome.final_accuracy is not None and outcome.final_accuracy > 0.3
     assert sum("[ROUND" in line for line in outcome.log) == 2
 
@@ -49,9 +47,7 @@ def test_secure_aggregation_with_groups_runs_on_ray(no_leftover_processes) -> No
     run_config = "num-server-rounds=2 privacy='secagg' secagg-group-size=2 clients-per-round=6"
     with LocalSimulation() as sim:
         outcome = sim.run(DIGITS_APP, federation, run_config=[run_config], timeout=300)
-    assert outcome.completed, f"{outcome.status}: {outcome.details}\n" + "\n".join(
-        outcome.log[-40:]
-    )
+    assert_completed(outcome)
     assert sum("securely aggregated 6 clients" in line for line in outcome.log) == 2
     assert any("'secagg-privacy-t'" in line for line in outcome.log)
     assert outcome.final_accuracy is not None and outcome.final_accuracy > 0.3
@@ -71,9 +67,7 @@ def test_ray_honours_the_cpu_share(
         outcome = sim.run(
             PROBE_APP, federation, run_config=[f'probe-dir="{tmp_path}" min-nodes=6'], timeout=300
         )
-    assert outcome.completed, f"{outcome.status}: {outcome.details}\n" + "\n".join(
-        outcome.log[-40:]
-    )
+    assert_completed(outcome)
     clients, peak, workers = _max_concurrency(tmp_path)
     assert clients == 6
     assert peak == expected, f"{peak} clients ran at once, expected {expected}"
@@ -138,9 +132,7 @@ def test_simulation_joins_an_existing_ray_cluster(tmp_path, no_leftover_processe
                 on_line=watch,
                 run_config=[f'probe-dir="{tmp_path}" min-nodes=6 sleep-seconds=0.2'],
             )
-        assert outcome.completed, f"{outcome.status}: {outcome.details}\n" + "\n".join(
-            outcome.log[-40:]
-        )
+        assert_completed(outcome)
         assert _max_concurrency(tmp_path)[0] == 6
         # The run used the cluster's GCS rather than starting a Ray of its own.
         assert gcs_during_run and gcs_during_run[0] == cluster

@@ -97,15 +97,22 @@ class GroupPlan:
         excluded = sorted({n for g in broken for n in g} & set(survivors))
         return sorted(set(survivors) - set(excluded)), excluded
 
-    def record(self, aggregated: list[int]) -> audit.Audit:
-        """Add a round's aggregated nodes to the history; return the audit."""
+    def record(self, aggregated: list[int]) -> None:
+        """Add a round's aggregated nodes to the usage counts and the history."""
         member_of = groups.group_of(self.groups)
         for g in {member_of[n] for n in aggregated if n in member_of}:
             self.usage[g] = self.usage.get(g, 0) + 1
         self.history.append(set(aggregated))
+
+    def participation(self) -> tuple[np.ndarray, list[int]]:
+        """(rounds x nodes 0/1 matrix, node ids of its columns) of the history so far."""
         nodes = sorted(set().union(*self.history))
         matrix = np.zeros((len(self.history), len(nodes)), dtype=np.int8)
         column = {n: j for j, n in enumerate(nodes)}
         for r, members in enumerate(self.history):
             matrix[r, [column[n] for n in members]] = 1
-        return audit.audit(matrix)
+        return matrix, nodes
+
+    def audit(self) -> audit.Audit:
+        """The participation audit of the history so far."""
+        return audit.audit(self.participation()[0])

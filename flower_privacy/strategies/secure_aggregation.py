@@ -353,7 +353,8 @@ class SecureAggregation(StrictRounds):
             }
         )
         if self.plan is not None:
-            checked = self.plan.record(result.survivors)
+            self.plan.record(result.survivors)
+            checked = self.plan.audit()
             privacy_t = checked.exact if checked.exact is not None else checked.lower_bound
             metrics["secagg-privacy-t"] = privacy_t
             if self.plan.rule != "random" and privacy_t < self.plan.group_size:
