@@ -181,6 +181,7 @@ def test_a_client_catches_a_server_lying_about_the_groups() -> None:
     for change, expected in [
         ({"generation-sizes": [4, 5]}, "not a partition"),  # groups not of the declared size
         ("regroup-in-round-2", "regrouped nodes"),
+        ("reseed-in-round-2", "regrouped nodes"),
     ]:
         grid = InProcessGrid(_fixed_secret_app(), num_nodes=9)
 
@@ -188,6 +189,10 @@ def test_a_client_catches_a_server_lying_about_the_groups() -> None:
             if wire.stage_of(msg.content) != wire.TRAIN or msg.metadata.dst_node_id != 1001:
                 return msg
             payload = wire.payload_of(msg.content)
+            if change == "reseed-in-round-2":
+                if int(payload["round"]) < 2:
+                    return msg
+                change = {"group-seed": b"another partition seed"}
             if change == "regroup-in-round-2":
                 if int(payload["round"]) < 2:
                     return msg

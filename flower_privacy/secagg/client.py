@@ -57,6 +57,7 @@ class ClientState:
     signed: list[list[int]] = field(default_factory=list)  # [survivors, dropped] we signed
     groups: list[list[int]] = field(default_factory=list)  # this round's groups, if any
     generations: list[list[int]] = field(default_factory=list)  # group generations seen
+    group_seed: bytes = b""  # the partition seed first seen in this run
 
     def to_bytes(self) -> bytes:
         data = {
@@ -76,6 +77,7 @@ class ClientState:
             "signed": self.signed,
             "groups": self.groups,
             "generations": self.generations,
+            "group_seed": self.group_seed.hex(),
         }
         return base64.b64encode(json.dumps(data).encode())
 
@@ -99,6 +101,7 @@ class ClientState:
             signed=data["signed"],
             groups=data["groups"],
             generations=data["generations"],
+            group_seed=bytes.fromhex(data["group_seed"]),
         )
 
     def neighbours(self) -> list[int]:
@@ -326,15 +329,18 @@ def _checked_groups(state: ClientState, request: dict, cohort: list[int]) -> lis
             [int(x) for x in request["generation-nodes"]],
             [int(x) for x in request["generation-sizes"]],
         )
-        round_groups = groups.groups_from_generations(generations, size, state.run)
+        seed = _bytes(request, "group-seed")
+        round_groups = groups.groups_from_generations(generations, size, seed)
     except ValueError as err:
         raise RefusedError(f"the groups are not a partition of the run's nodes: {err}") from None
-    if generations[: len(state.generations)] != state.generations:
+    if (state.group_seed and seed != state.group_seed) or (
+        generations[: len(state.generations)] != state.generations
+    ):
         # Regrouping could let rounds be differenced down to fewer than T nodes.
         raise RefusedError("the server regrouped nodes: groups formed earlier changed")
     if not groups.is_union_of_groups(round_groups, cohort):
         raise RefusedError("the cohort is not a union of whole groups")
-    state.generations = generations
+    state.generations, state.group_seed = generations, seed
     return round_groups
 
 

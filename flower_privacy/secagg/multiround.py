@@ -25,7 +25,7 @@ class GroupPlan:
     rule : str
         ``"least-used"`` or ``"poisson"`` (``"random"`` is the per-node baseline).
     seed : bytes
-        The run seed every client also knows (the partition is recomputed from it).
+        The public partition seed, sent to every client, which recomputes the groups.
     rate : float | None
         Group sampling probability for ``"poisson"``.
     selection_seed : int | None
@@ -87,7 +87,12 @@ class GroupPlan:
     def request_fields(self) -> dict:
         """What clients need to recompute the groups."""
         nodes, sizes = groups.flatten(self.generations)
-        return {"group-size": self.group_size, "generation-nodes": nodes, "generation-sizes": sizes}
+        return {
+            "group-size": self.group_size,
+            "group-seed": self.seed,
+            "generation-nodes": nodes,
+            "generation-sizes": sizes,
+        }
 
     def keep(self, survivors: list[int]) -> tuple[list[int], list[int]]:
         """(kept, excluded): members of groups with a member missing are excluded."""

@@ -8,6 +8,7 @@ itself lives in :mod:`flower_privacy.secagg.protocol`; this module only moves re
 
 from __future__ import annotations
 
+import hashlib
 from collections.abc import Iterable
 from logging import INFO, WARNING
 
@@ -105,8 +106,9 @@ class SecureAggregation(StrictRounds):
     sampling_rate : float | None
         Group sampling probability for ``"poisson"``.
     selection_seed : int | None
-        Reproducible ``least-used`` tie-breaks and ``random`` selection, for experiments;
-        refused with ``"poisson"`` (its sampling always comes from the OS CSPRNG).
+        Reproducible groups, ``least-used`` tie-breaks and ``random`` selection, for
+        experiments; refused with ``"poisson"`` (its sampling always comes from the OS
+        CSPRNG).
     """
 
     def __init__(
@@ -181,7 +183,7 @@ class SecureAggregation(StrictRounds):
             GroupPlan(
                 self.group_size,
                 self.selection,
-                server.run,
+                self._group_seed(server.run),
                 self.sampling_rate,
                 self.selection_seed,
             )
@@ -189,6 +191,16 @@ class SecureAggregation(StrictRounds):
             else None
         )
         return server
+
+    def _group_seed(self, run: bytes) -> bytes:
+        """The public seed of the partition: the run nonce, or fixed by ``selection_seed``.
+
+        Both are chosen by the server and sent to every client, so a fixed seed gives the
+        server no more say over the groups; it only makes experiments repeatable.
+        """
+        if self.selection_seed is None:
+            return run
+        return hashlib.sha256(b"flower-privacy/groups|%d" % self.selection_seed).digest()
 
     def select_nodes(
         self, server_round: int, sampled: list[int], population: list[int]
