@@ -70,3 +70,32 @@ def wire_roundtrip(message: Message) -> Message:
 def wire_size(message: Message) -> int:
     """Bytes of ``message`` in Flower's protobuf encoding."""
     return int(message_to_proto(message).ByteSize())
+
+
+def flower_fixed_clipping_epsilon(
+    noise_multiplier: float, rounds: int, delta: float, sample_size: int, population_size: int
+) -> float:
+    """ε by Flower 1.41's accountant as its fixed-clipping DP wrappers use it.
+
+    Those wrappers accept only ``sampling_method="no-amplification"`` (RDP backend).
+    """
+    from flwr.supercore.privacy_accounting import (
+        GaussianPrivacyEvent,
+        NeighboringRelation,
+        PrivacyConfig,
+        SamplingMethod,
+    )
+    from flwr.supercore.privacy_accounting.rdp_accountant import RdpAccountant
+
+    accountant = RdpAccountant(
+        PrivacyConfig(
+            target_delta=delta,
+            population_size=population_size,
+            neighboring_relation=NeighboringRelation.ADD_OR_REMOVE_ONE,
+            sampling_method=SamplingMethod.NO_AMPLIFICATION,
+        )
+    )
+    accountant.compose(
+        GaussianPrivacyEvent(noise_multiplier, sample_size, population_size), count=rounds
+    )
+    return float(accountant.get_epsilon(delta))

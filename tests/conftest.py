@@ -82,6 +82,18 @@ def make_toy_client_app(
     return app
 
 
+def stage_filter(stage: str, rnd: int | None = None):  # noqa: ANN201
+    """A grid message filter: secure aggregation messages of ``stage`` (in round ``rnd``)."""
+    from flower_privacy import _secagg_wire as wire
+
+    def match(msg: Message) -> bool:
+        if wire.stage_of(msg.content) != stage:
+            return False
+        return rnd is None or int(wire.payload_of(msg.content).get("round", 0)) == rnd
+
+    return match
+
+
 def initial_arrays(dim: int = 4) -> ArrayRecord:
     return ArrayRecord({"w": Array(np.zeros(dim, dtype=np.float32))})
 

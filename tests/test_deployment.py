@@ -97,3 +97,32 @@ def test_secure_aggregation_through_a_real_deployment(no_leftover_processes, cap
     assert any("'secagg-privacy-t': 3" in line for line in outcome.log)
     assert outcome.final_accuracy is not None and outcome.final_accuracy > 0.5
     _print_round_times("deployment secagg, round 1 includes key set-up", times, capsys)
+
+
+def test_encrypted_fedavg_through_a_real_deployment(tmp_path, no_leftover_processes) -> None:  # noqa: ANN001
+    # Keys made offline; each SuperNode finds client.ctx through its node config and
+    # the server gets only server.ctx (run config).
+    from conftest import run_cli
+
+    keys = tmp_path / "keys"
+    made = run_cli("keys", "generate", "--out", str(keys), "--max-clients", "100")
+    assert made.returncode == 0, made.stderr
+    client_ctx = keys / "client.ctx"
+    with LocalDeployment(2, node_config=lambda i: {"he-context": str(client_ctx)}) as deployment:
+        outcome = deployment.run(
+            DIGITS_APP,
+            run_config=[
+                f"num-server-rounds=1 min-nodes=2 privacy='he' round-timeout=120.0 "
+                f"he-server-context='{keys / 'server.ctx'}'"
+            ],
+            timeout=420,
+        )
+    assert_completed(outcome)
+    assert sum("added 2 encrypted updates" in line for line in outcome.log) == 1
+    assert outcome.final_accuracy is not None and outcome.final_accuracy > 0.5
+    # The server wrote the encrypted final model next to server.ctx; a key holder opens it.
+    model = keys / "final-model.fphe"
+    out = tmp_path / "model.npz"
+    opened = run_cli("he", "decrypt", str(model), "--context", str(client_ctx), "--out", str(out))
+    assert opened.returncode == 0, opened.stderr
+    assert "2 contributions" in opened.stdout

@@ -5,6 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 from conftest import initial_arrays, make_toy_client_app
+from conftest import stage_filter as _stage
 from flwr.app import Array, ArrayRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 from flwr.serverapp.strategy import FedAdam, FedAvg, FedMedian, Krum
@@ -68,15 +69,6 @@ def _assert_mean(result, seed: int, nodes: list[int], tol: float = 1e-3) -> None
     expected = _expected_mean(seed, nodes)
     for key in SHAPES:
         np.testing.assert_allclose(result.arrays[key].numpy(), expected[key], atol=tol)
-
-
-def _stage(stage: str, rnd: int | None = None):  # noqa: ANN202
-    def match(msg: Message) -> bool:
-        if wire.stage_of(msg.content) != stage:
-            return False
-        return rnd is None or int(wire.payload_of(msg.content).get("round", 0)) == rnd
-
-    return match
 
 
 @pytest.mark.parametrize(("n", "seed"), [(3, 1), (5, 2), (9, 3), (24, 4)])

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import shutil
 import subprocess
 from pathlib import Path
 
@@ -51,6 +52,25 @@ def test_secure_aggregation_with_groups_runs_on_ray(no_leftover_processes) -> No
     assert sum("securely aggregated 6 clients" in line for line in outcome.log) == 2
     assert any("'secagg-privacy-t'" in line for line in outcome.log)
     assert outcome.final_accuracy is not None and outcome.final_accuracy > 0.3
+
+
+def test_encrypted_fedavg_runs_on_ray(no_leftover_processes) -> None:  # noqa: ANN001
+    # The ServerApp generates the keys into a private temp folder; clients find them.
+    federation = load_federation_preset(find_preset("cpu-10"))
+    with LocalSimulation() as sim:
+        outcome = sim.run(
+            DIGITS_APP, federation, run_config=["num-server-rounds=2 privacy='he'"], timeout=300
+        )
+    assert_completed(outcome)
+    assert sum("added 10 encrypted updates" in line for line in outcome.log) == 2
+    assert outcome.final_accuracy is not None and outcome.final_accuracy > 0.3
+    from digits_app.he_keys import simulation_key_dir
+
+    key_dir = simulation_key_dir(outcome.run_id)  # private, outside the app folder
+    try:
+        assert (key_dir / "final-model.fphe").exists() and DIGITS_APP not in key_dir.parents
+    finally:
+        shutil.rmtree(key_dir, ignore_errors=True)
 
 
 @pytest.mark.parametrize(("cpus_per_client", "expected"), [(1, 2), (2, 1)])

@@ -8,13 +8,16 @@ then replaces the plain reply by the masked, quantised, weighted update.
 from __future__ import annotations
 
 from collections.abc import Callable
+from logging import WARNING
 from pathlib import Path
 
 import numpy as np
 from flwr.app import ConfigRecord, Context, Error, Message, RecordDict
+from flwr.common import log
 
 from flower_privacy import _flwr_compat as compat
 from flower_privacy import _secagg_wire as wire
+from flower_privacy.dp.distributed import ENCODING, DistributedNoiseEncoding
 from flower_privacy.secagg import protocol, signing
 from flower_privacy.secagg.quantize import Quantizer
 
@@ -129,15 +132,26 @@ class SecAggMod:
             raise ValueError(f"the app's reply has no metric {weight_key!r} to weight by")
         else:
             weight = int(metrics[0][weight_key])
-        quantizer = Quantizer(
-            clip_range=float(request["clip-range"]),
-            max_weight=int(request["max-weight"]),
-            max_clients=int(request["max-clients"]),
-        )
+        quantizer: Quantizer | DistributedNoiseEncoding
+        if request.get("encoding") == ENCODING:
+            # Client-level DP: this client's noise share goes into the masked sum.
+            if request["weighting"] != "uniform":
+                raise ValueError("distributed DP needs uniform weighting")
+            quantizer = DistributedNoiseEncoding.from_request(request)
+        else:
+            quantizer = Quantizer(
+                clip_range=float(request["clip-range"]),
+                max_weight=int(request["max-weight"]),
+                max_clients=int(request["max-clients"]),
+            )
         upload, report = protocol.client_upload(
             state, request, np.concatenate(deltas), weight, quantizer
         )
-        return {**upload, **report}
+        # The report stays on this node: a per-client clipped count is data; the server
+        # learns only the masked sum of the counts.
+        if report["clipped"] or report["weight-capped"]:
+            log(WARNING, "secure aggregation clipped this node's update: %s", report)
+        return upload
 
 
 def _load(context: Context) -> protocol.ClientState:

@@ -18,7 +18,7 @@ from flower_privacy.secagg._common import associated_data as _ad
 from flower_privacy.secagg._common import context as _context
 from flower_privacy.secagg._common import mask_sign as _sign
 from flower_privacy.secagg.prg import expand_mask
-from flower_privacy.secagg.quantize import Quantizer
+from flower_privacy.secagg.quantize import Encoder
 
 
 @dataclass(frozen=True)
@@ -165,7 +165,7 @@ def client_distribute(state: ClientState, request: dict, identity: Identity | No
 
 
 def client_upload(
-    state: ClientState, request: dict, update: np.ndarray, weight: int, quantizer: Quantizer
+    state: ClientState, request: dict, update: np.ndarray, weight: int, quantizer: Encoder
 ) -> tuple[dict, dict]:
     """Step 3: mask ``weight * update``; returns (upload, report of what was clipped)."""
     _check_run(state, request)

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass
+from typing import Protocol
 
 import numpy as np
 
@@ -27,6 +28,12 @@ class Encoded:
     clipped: int
     weight: int
     weight_capped: bool
+
+
+class Encoder(Protocol):
+    """Anything that turns one client's update into an :class:`Encoded` for masking."""
+
+    def encode(self, update: np.ndarray, weight: int) -> Encoded: ...
 
 
 @dataclass(frozen=True)

@@ -17,7 +17,9 @@ class PrivacyResult(Result):
         Round number to the reason it produced no model. The global model was not
         updated in these rounds.
     halt_reason : str | None
-        Why the run stopped before its last round, or None if it ran to the end.
+        Why the run stopped before its last round (a halt after failed rounds, or a
+        clean stop such as a spent privacy budget, the last model kept), or None if it
+        ran to the end.
     """
 
     failed_rounds: dict[int, str] = field(default_factory=dict)
@@ -29,5 +31,5 @@ class PrivacyResult(Result):
             rep += "\nFailed rounds:\n"
             rep += "".join(f"\t{rnd}: {why}\n" for rnd, why in sorted(self.failed_rounds.items()))
         if self.halt_reason:
-            rep += f"\nRun halted: {self.halt_reason}\n"
+            rep += f"\nRun stopped early: {self.halt_reason}\n"
         return rep

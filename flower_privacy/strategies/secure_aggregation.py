@@ -9,7 +9,7 @@ itself lives in :mod:`flower_privacy.secagg.protocol`; this module only moves re
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from logging import INFO, WARNING
 
 import numpy as np
@@ -35,11 +35,11 @@ from flwr.serverapp.strategy import (
 )
 
 from flower_privacy import _secagg_wire as wire
+from flower_privacy.dp.distributed import DistributedNoiseEncoding
 from flower_privacy.errors import RoundFailedError
 from flower_privacy.secagg import protocol
 from flower_privacy.secagg.multiround import GroupPlan
 from flower_privacy.secagg.quantize import Quantizer
-from flower_privacy.strategies.result import PrivacyResult
 from flower_privacy.strategies.strict_rounds import StrictRounds
 
 # Aggregation is a (weighted) mean of the replies: a sum is all they need.
@@ -170,6 +170,11 @@ class SecureAggregation(StrictRounds):
         self._stage_notes: list[str] = []
         self._global: ArrayRecord | None = None
         self._cohort: list[int] = []
+        # Seams for ClientLevelDP: who is sampled, and noise on the unmasked mean.
+        self.node_sampler: Callable[[list[int]], list[int]] | None = None
+        self.mean_transform: Callable[[np.ndarray], np.ndarray] | None = None
+        # ... and how clients encode their update (None: the fixed-point quantiser).
+        self.encoding: DistributedNoiseEncoding | None = None
 
     # -- seams for multi-round privacy (node selection, which survivors to unmask) --------
 
@@ -211,16 +216,18 @@ class SecureAggregation(StrictRounds):
         inner strategy sampled); without, the nodes the inner strategy sampled.
         """
         if self.plan is None:
+            if self.node_sampler is not None:
+                return self.node_sampler(population)
             return sorted(n for n in sampled if n in population)
         self.plan.update(population)
         return self.plan.select(population, len(sampled))
 
     # -- Strategy ---------------------------------------------------------------------
 
-    def start(self, grid: Grid, initial_arrays: ArrayRecord, *args, **kwargs) -> PrivacyResult:  # noqa: ANN002, ANN003
-        """Run like :meth:`StrictRounds.start`; every call is a new protocol run (fresh keys)."""
+    def prepare_run(self, grid: Grid, num_rounds: int) -> None:
+        """Every run is a new protocol run (fresh keys)."""
         self.protocol = self._new_protocol()
-        return super().start(grid, initial_arrays, *args, **kwargs)
+        super().prepare_run(grid, num_rounds)
 
     def summary(self) -> None:
         log(
@@ -272,6 +279,8 @@ class SecureAggregation(StrictRounds):
                 "max-clients": self.quantizer.max_clients,
             }
         )
+        if self.encoding is not None:
+            request.update(self.encoding.request_fields())
         content = RecordDict({k: v for k, v in inner[0].content.items()})
         content[wire.RECORD] = wire.to_record(wire.TRAIN, request)
         self._global, self._cohort = arrays, cohort
@@ -342,7 +351,10 @@ class SecureAggregation(StrictRounds):
         if result.weight < 1:
             raise RoundFailedError(server_round, "the survivors' total weight is zero")
         denominator = self.uniform_denominator or result.weight
-        mean_delta = self.quantizer.decode_sum(result.total, denominator)
+        decoder = self.encoding if self.encoding is not None else self.quantizer
+        mean_delta = decoder.decode_sum(result.total, denominator)
+        if self.mean_transform is not None:
+            mean_delta = self.mean_transform(mean_delta)
         synthetic = survivors_replies[0]
         synthetic.content = RecordDict(
             {

@@ -104,6 +104,27 @@ class StrictRounds(Strategy):
         self, server_round: int, replies: Iterable[Message]
     ) -> tuple[ArrayRecord | None, MetricRecord | None]:
         """Drop unusable replies (naming the node), aggregate, fail loudly if too few."""
+        usable = self._usable_replies(server_round, replies)
+        arrays, metrics = self.strategy.aggregate_train(server_round, usable)
+        if arrays is None:
+            raise RoundFailedError(
+                server_round,
+                f"{type(self.strategy).__name__} aggregated no model from {len(usable)} replies",
+            )
+        bad = _first_non_finite(arrays)
+        if bad is not None:
+            raise RoundFailedError(server_round, f"aggregated array '{bad}' has NaN or inf values")
+        return arrays, metrics
+
+    def _usable_replies(
+        self, server_round: int, replies: Iterable[Message], minimum: int | None = None
+    ) -> list[Message]:
+        """The replies that can be aggregated; the others are logged by node.
+
+        Raises :class:`RoundFailedError` if fewer than ``minimum`` (default
+        ``min_train_replies``) remain.
+        """
+        minimum = self.min_train_replies if minimum is None else minimum
         replies = list(replies)
         sent_to = self._sent_to.get(server_round, [])
         silent = self._log_silent_nodes(server_round, "training", sent_to, replies)
@@ -123,25 +144,16 @@ class StrictRounds(Strategy):
                     reply.metadata.src_node_id,
                     problem,
                 )
-        if len(usable) < self.min_train_replies:
+        if len(usable) < minimum:
             detail = "; ".join(problems) if problems else "no errors reported"
             if silent:
                 detail += f"; no reply from {len(silent)} node(s)"
             raise RoundFailedError(
                 server_round,
                 f"{len(usable)} usable training replies of {len(sent_to)} requested, "
-                f"at least {self.min_train_replies} needed ({detail})",
+                f"at least {minimum} needed ({detail})",
             )
-        arrays, metrics = self.strategy.aggregate_train(server_round, usable)
-        if arrays is None:
-            raise RoundFailedError(
-                server_round,
-                f"{type(self.strategy).__name__} aggregated no model from {len(usable)} replies",
-            )
-        bad = _first_non_finite(arrays)
-        if bad is not None:
-            raise RoundFailedError(server_round, f"aggregated array '{bad}' has NaN or inf values")
-        return arrays, metrics
+        return usable
 
     def configure_evaluate(
         self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
@@ -197,6 +209,7 @@ class StrictRounds(Strategy):
         train_config = ConfigRecord() if train_config is None else train_config
         evaluate_config = ConfigRecord() if evaluate_config is None else evaluate_config
         log(INFO, "Starting %s strategy for %d rounds:", type(self).__name__, num_rounds)
+        self.prepare_run(grid, num_rounds)
         self.summary()
 
         result = PrivacyResult(arrays=initial_arrays)
@@ -206,6 +219,11 @@ class StrictRounds(Strategy):
         arrays = initial_arrays
         consecutive_failures = 0
         for server_round in range(1, num_rounds + 1):
+            stop = self.stop_reason(server_round)
+            if stop is not None:
+                result.halt_reason = stop
+                log(WARNING, "Run stopped before round %d: %s", server_round, stop)
+                break
             log(INFO, "")
             log(INFO, "[ROUND %s/%s]", server_round, num_rounds)
             try:
@@ -255,6 +273,22 @@ class StrictRounds(Strategy):
             log(INFO, "\t%s", line.rstrip("\n"))
         return result
 
+    # -- seams for wrappers ----------------------------------------------------------
+
+    def prepare_run(self, grid: Grid, num_rounds: int) -> None:
+        """Called by :meth:`start` before round 1; wrappers set up per-run state here."""
+        if isinstance(self.strategy, StrictRounds):
+            self.strategy.prepare_run(grid, num_rounds)
+
+    @property
+    def empty_rounds_aggregate(self) -> bool:
+        """Whether a round in which no node was selected still aggregates (e.g. DP noise)."""
+        return False
+
+    def stop_reason(self, server_round: int) -> str | None:
+        """Why the run must end cleanly before ``server_round`` (kept model), or None."""
+        return None
+
     # -- helpers -------------------------------------------------------------------
 
     def _train_round(
@@ -266,9 +300,9 @@ class StrictRounds(Strategy):
         timeout: float,
     ) -> tuple[ArrayRecord, MetricRecord | None]:
         messages = list(self.configure_train(server_round, arrays, config, grid))
-        if not messages:
+        if not messages and not self.empty_rounds_aggregate:
             raise RoundFailedError(server_round, "no node was selected for training")
-        replies = grid.send_and_receive(messages=messages, timeout=timeout)
+        replies = grid.send_and_receive(messages=messages, timeout=timeout) if messages else []
         new_arrays, metrics = self.aggregate_train(server_round, replies)
         if new_arrays is None:  # a subclass may override aggregate_train
             raise RoundFailedError(server_round, "aggregation returned no model")

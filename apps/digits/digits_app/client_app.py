@@ -10,10 +10,15 @@ from __future__ import annotations
 from flwr.app import ArrayRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
-from flower_privacy.mods import secagg_mod
+from digits_app.he_keys import encryption_mod
+from flower_privacy.mods import client_clipping_mod, secagg_mod
 
-# secagg_mod answers secure aggregation stages and passes everything else through.
-app = ClientApp(mods=[secagg_mod])
+# secagg_mod answers secure aggregation stages and passes everything else through;
+# client_clipping_mod clips the update when the server asks (client-level DP, "client"
+# placement) and is a no-op otherwise; encryption_mod (first, so that the others only
+# ever see plaintext) decrypts the global model and encrypts the update when the
+# server sends an encrypted model (privacy "he") and passes everything else through.
+app = ClientApp(mods=[encryption_mod, secagg_mod, client_clipping_mod])
 
 
 def _data(context: Context):  # noqa: ANN202
@@ -49,6 +54,8 @@ def train_fn(msg: Message, context: Context) -> Message:
     train_data, _ = _data(context)
     net = _model(msg, context)
     cfg = context.run_config
+    if str(cfg.get("privacy", "none")) == "dp-sgd":
+        return _train_dp_sgd(msg, context, net, train_data)
     server_round = int(msg.content["config"].get("server-round", 0))
     loss = train(
         net,
@@ -83,4 +90,41 @@ def evaluate_fn(msg: Message, context: Context) -> Message:
             ),
         }
     )
+    return Message(content=content, reply_to=msg)
+
+
+# Where a node keeps its DP-SGD accountant's history between rounds.
+DP_SGD_STATE = "dp-sgd-accountant"
+
+
+def _train_dp_sgd(msg: Message, context: Context, net, train_data) -> Message:  # noqa: ANN001
+    """Train with sample-level DP-SGD (Opacus); report this node's cumulative ε."""
+    from flwr.app import ConfigRecord
+
+    from digits_app import dp_sgd
+
+    cfg = context.run_config
+    config = dp_sgd.DpSgdConfig.from_run_config(cfg)
+    history = ()
+    if DP_SGD_STATE in context.state:
+        history = dp_sgd.history_from_record(context.state[DP_SGD_STATE])
+    # seed=None: noise and sampling are seeded from os.urandom, never from the run's seed.
+    result = dp_sgd.train_dp_sgd(
+        net,
+        train_data,
+        epochs=int(cfg["local-epochs"]),
+        batch_size=int(cfg["batch-size"]),
+        lr=float(cfg["learning-rate"]),
+        config=config,
+        history=history,
+    )
+    context.state[DP_SGD_STATE] = ConfigRecord(dp_sgd.history_to_record(result.history))
+    state = {k: v.detach().cpu() for k, v in net.state_dict().items()}
+    metrics = {
+        "train-loss": result.loss,
+        "num-examples": len(train_data),
+        dp_sgd.METRIC_EPSILON: result.epsilon,
+        dp_sgd.METRIC_DELTA: config.delta,
+    }
+    content = RecordDict({"arrays": ArrayRecord(state), "metrics": MetricRecord(metrics)})
     return Message(content=content, reply_to=msg)

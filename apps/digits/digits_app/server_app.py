@@ -3,29 +3,43 @@
 from __future__ import annotations
 
 import random
+from collections.abc import Callable
 from logging import INFO
 
 import torch
-from flwr.app import ArrayRecord, ConfigRecord, Context, MetricRecord
+from flwr.app import ArrayRecord, ConfigRecord, Context, MetricRecord, RecordDict
 from flwr.common import log
 from flwr.serverapp import Grid, ServerApp
 from flwr.serverapp.strategy import FedAvg, Strategy
 
+from digits_app import he_keys
+from digits_app.dp_sgd import METRIC_DELTA, METRIC_EPSILON, DpSgdConfig
 from digits_app.task import Net, evaluate, load_server_test, model_shape
-from flower_privacy.strategies import PrivacyResult, SecureAggregation, StrictRounds
+from flower_privacy.strategies import (
+    ClientLevelDP,
+    PrivacyResult,
+    SecureAggregation,
+    StrictRounds,
+)
 
-# Later issues add "he", "dp" and "dp-sgd".
-PRIVACY_MODES = ("none", "secagg")
+PRIVACY_MODES = ("none", "secagg", "dp-sgd", "dp", "he")
 # Modes in which the server may see the global model (and so evaluate it centrally):
-# secure aggregation hides each client's update, not the aggregate model.
-SERVER_SEES_MODEL = {"none", "secagg"}
+# secure aggregation hides each client's update, not the aggregate model; client-level
+# DP makes the model itself private.
+# DP-SGD protects each client's examples inside its own update (client-side noise).
+# "he" is absent: the server holds only the encrypted model (federated evaluation only).
+SERVER_SEES_MODEL = {"none", "secagg", "dp-sgd", "dp"}
 
 app = ServerApp()
 
 
-def build_strategy(privacy: str, inner: Strategy, cfg: dict | None = None) -> StrictRounds:
+def build_strategy(
+    privacy: str, inner: Strategy, cfg: dict | None = None, run_id: int = 0
+) -> StrictRounds:
     """Wrap ``inner`` in the privacy mechanism named by the run config."""
     cfg = cfg or {}
+    if privacy == "he":
+        return he_keys.build_strategy(inner, cfg, run_id)
     if privacy == "none":
         return StrictRounds(inner)
     if privacy == "secagg":
@@ -41,7 +55,76 @@ def build_strategy(privacy: str, inner: Strategy, cfg: dict | None = None) -> St
             # Reproducible experiments; poisson sampling always uses the OS CSPRNG.
             selection_seed=None if selection == "poisson" else int(cfg.get("seed", 0)),
         )
+    if privacy == "dp":
+        return build_client_level_dp(inner, cfg)
+    if privacy == "dp-sgd":
+        # Client-side DP: the server aggregates as usual. Bad keys fail here, before round 1.
+        DpSgdConfig.from_run_config(cfg)
+        if not hasattr(inner, "train_metrics_aggr_fn"):
+            raise TypeError(f"dp-sgd needs a FedAvg-like strategy, got {type(inner).__name__}")
+        inner.train_metrics_aggr_fn = max_epsilon(inner.train_metrics_aggr_fn)
+        return StrictRounds(inner)
     raise ValueError(f"run config 'privacy' must be one of {PRIVACY_MODES}, got {privacy!r}")
+
+
+def build_client_level_dp(inner: FedAvg, cfg: dict) -> ClientLevelDP:
+    """Client-level DP-FedAvg; the noise placement comes from ``dp-placement``.
+
+    Federated evaluation is switched off: its metrics come from clients' data without
+    noise. The server evaluates on its own held-out data instead.
+    """
+    placement = str(cfg.get("dp-placement", "central"))
+    rate = float(cfg.get("dp-sampling-rate", 0.0))
+    target = float(cfg.get("dp-target-epsilon", 0.0))
+    z = float(cfg.get("dp-noise-multiplier", 0.0))
+    inner.fraction_evaluate = 0.0
+    strategy: Strategy = inner
+    if placement == "distributed":
+        strategy = SecureAggregation(
+            inner,
+            weighting="uniform",
+            max_clients=int(cfg.get("secagg-max-clients", 100)),
+            min_train_replies=int(cfg.get("dp-min-clients", 2)),
+        )
+    return ClientLevelDP(
+        strategy,
+        target_epsilon=target or None,
+        noise_multiplier=z or None,
+        delta=float(cfg.get("dp-delta", 1e-5)),
+        clip_norm=float(cfg.get("dp-clip-norm", 0.1)),
+        adaptive_clipping=bool(cfg.get("dp-adaptive-clipping", False)),
+        placement=placement,
+        sampling_rate=rate or None,
+        min_train_replies=1,
+    )
+
+
+MetricsAggregation = Callable[[list[RecordDict], str], MetricRecord]
+
+
+def max_epsilon(aggregate: MetricsAggregation) -> MetricsAggregation:
+    """``aggregate``, but DP-SGD's ε and δ become the max over the replies (and are logged).
+
+    A weighted mean of ε would understate every client's loss: the round reports the worst.
+    """
+
+    def aggregate_with_max_epsilon(records: list[RecordDict], weighting_key: str) -> MetricRecord:
+        metrics = aggregate(records, weighting_key)
+        for key in (METRIC_EPSILON, METRIC_DELTA):
+            values = [float(m[key]) for r in records for m in r.metric_records.values() if key in m]
+            if values:
+                metrics[key] = max(values)
+        if METRIC_EPSILON in metrics:
+            log(
+                INFO,
+                "DP-SGD: sample-level ε = %.4f at δ = %g (max over %d clients)",
+                metrics[METRIC_EPSILON],
+                metrics[METRIC_DELTA],
+                len(records),
+            )
+        return metrics
+
+    return aggregate_with_max_epsilon
 
 
 def make_fedavg(clients_per_round: int, min_nodes: int) -> FedAvg:
@@ -91,7 +174,10 @@ def main(grid: Grid, context: Context) -> None:
     torch.manual_seed(int(cfg["seed"]))
     net = Net(*model_shape(dataset))
     strategy = build_strategy(
-        privacy, make_fedavg(int(cfg["clients-per-round"]), int(cfg["min-nodes"])), cfg
+        privacy,
+        make_fedavg(int(cfg["clients-per-round"]), int(cfg["min-nodes"])),
+        cfg,
+        run_id=context.run_id,
     )
 
     evaluate_fn = None

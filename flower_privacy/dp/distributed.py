@@ -1,0 +1,99 @@
+"""Each client's integer noise share inside secure aggregation (the distributed placement).
+
+A :class:`DistributedNoiseEncoding` replaces secure aggregation's fixed-point quantiser:
+a client clips its update to L2 norm ``C``, scales by ``γ``, rounds conditionally
+(:func:`~flower_privacy.dp.discrete.encode`), adds its noise share and reduces mod
+2^32. The masked sum then carries at least the calibrated noise whenever at least
+``min_clients`` clients survive; the server reads it centred and divides by ``γ``.
+Nothing else leaves the client: the weight slot is 1 (uniform weights) and the
+clipped slot 0 (whether an update was clipped is data).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import numpy as np
+
+from flower_privacy.dp import discrete
+from flower_privacy.dp.noise import secure_generator
+from flower_privacy.secagg.quantize import Encoded
+
+ENCODING = "dp-distributed"
+
+
+@dataclass(frozen=True)
+class DistributedNoiseEncoding:
+    """One run's agreed encoding: mechanism, clip norm, scale, noise share, rounding β."""
+
+    mechanism: str
+    clip_norm: float
+    scale: float
+    share_variance: float
+    beta: float
+
+    def __post_init__(self) -> None:
+        if self.mechanism not in discrete.MECHANISMS:
+            raise ValueError(
+                f"mechanism must be one of {discrete.MECHANISMS}, got {self.mechanism!r}"
+            )
+        for name in ("clip_norm", "scale", "share_variance"):
+            value = getattr(self, name)
+            if not (isinstance(value, (int, float)) and math.isfinite(value) and value > 0):
+                raise ValueError(f"{name} must be a finite number > 0, got {value!r}")
+        if not 0 <= self.beta < 1:
+            raise ValueError(f"beta must be in [0, 1), got {self.beta!r}")
+
+    def encode(self, update: np.ndarray, weight: int = 1, *, seed: int | None = None) -> Encoded:
+        """Clip, scale, round, add this client's noise share, reduce mod 2^32.
+
+        ``weight`` must be 1 (client-level DP weighs clients uniformly); ``seed`` is for
+        reproducible tests only.
+        """
+        if weight != 1:
+            raise ValueError(
+                f"distributed DP weighs clients uniformly: weight must be 1, got {weight}"
+            )
+        rng = secure_generator(seed)
+        rounded = discrete.encode(update, self.clip_norm, self.scale, self.beta, rng)
+        if self.mechanism == "skellam":
+            noise = discrete.skellam_noise(rounded.shape, self.share_variance, rng)
+        else:
+            noise = discrete.discrete_gaussian_noise(
+                rounded.shape, math.sqrt(self.share_variance), rng
+            )
+        return Encoded(
+            values=discrete.to_modular(rounded + noise), clipped=0, weight=1, weight_capped=False
+        )
+
+    def decode_sum(self, total: np.ndarray, denominator: float) -> np.ndarray:
+        """The noisy sum mod 2^32, centred, in update units, divided by ``denominator``."""
+        if not denominator > 0:
+            raise ValueError(f"denominator must be > 0, got {denominator}")
+        return discrete.centred(total) / (self.scale * denominator)
+
+    def request_fields(self) -> dict:
+        """What the server sends each client (the clients check it in :meth:`from_request`)."""
+        return {
+            "encoding": ENCODING,
+            "dp-mechanism": self.mechanism,
+            "dp-clip-norm": self.clip_norm,
+            "dp-scale": self.scale,
+            "dp-share-variance": self.share_variance,
+            "dp-beta": self.beta,
+        }
+
+    @classmethod
+    def from_request(cls, request: dict) -> DistributedNoiseEncoding:
+        """The encoding a server asked for; ValueError names a missing or bad field."""
+        try:
+            return cls(
+                mechanism=str(request["dp-mechanism"]),
+                clip_norm=float(request["dp-clip-norm"]),
+                scale=float(request["dp-scale"]),
+                share_variance=float(request["dp-share-variance"]),
+                beta=float(request["dp-beta"]),
+            )
+        except KeyError as err:
+            raise ValueError(f"distributed DP request lacks {err.args[0]!r}") from None

@@ -1,0 +1,577 @@
+"""Client-level differential privacy (DP-FedAvg) as a strategy wrapper.
+
+``ClientLevelDP(FedAvg(...), target_epsilon=3.0, delta=1e-5)`` clips each client's
+model update (its new weights minus the global ones) in L2 norm, sums the clipped
+updates with uniform weights, adds Gaussian noise and divides by the *expected*
+number of clients (a data-independent denominator), then hands the noisy mean to the
+inner strategy as if one client had sent it. McMahan et al., "Learning Differentially
+Private Recurrent Language Models" (ICLR 2018); adaptive clipping after Andrew et al.
+(NeurIPS 2021). The unit of privacy is one client's whole dataset; neighbouring
+datasets differ by adding or removing one client.
+
+The noise multiplier is calibrated for the target ε, the planned rounds and the
+sampling before round 1; every round reports ``dp-epsilon``, ``dp-delta``,
+``dp-noise-multiplier`` and ``dp-clip-norm``, and the run stops cleanly (last model
+kept) when one more round would exceed the target. The maths lives in
+:mod:`flower_privacy.dp`; this module only moves records.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable
+from logging import INFO, WARNING
+
+import numpy as np
+from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
+from flwr.common import log
+from flwr.serverapp import Grid
+from flwr.serverapp.strategy import Strategy
+
+from flower_privacy import _dp_wire as wire
+from flower_privacy.dp.accounting import (
+    ACCOUNTANTS,
+    GaussianRounds,
+    adaptive_update_noise,
+    calibrate,
+    epsilon,
+)
+from flower_privacy.dp.clipping import AdaptiveClipping, clip_l2, noisy_unclipped_fraction
+from flower_privacy.dp.discrete import MECHANISMS
+from flower_privacy.dp.discrete_accounting import (
+    DistributedDiscreteGaussianRounds,
+    DistributedPlan,
+    SkellamRounds,
+    plan_distributed,
+)
+from flower_privacy.dp.discrete_accounting import epsilon as discrete_epsilon
+from flower_privacy.dp.distributed import DistributedNoiseEncoding
+from flower_privacy.dp.noise import add_gaussian_noise, secure_generator, snap
+from flower_privacy.errors import RoundFailedError
+from flower_privacy.strategies.secure_aggregation import MEAN_STRATEGIES, SecureAggregation
+from flower_privacy.strategies.strict_rounds import StrictRounds
+
+PLACEMENTS = ("central", "client", "distributed")
+# Conditional randomised rounding's β (Kairouz et al. 2021; their experiments' e^-1/2).
+_BETA = math.exp(-0.5)
+# Relative slack for a client-clipped update whose weights went through float32.
+_CLIP_SLACK = 1e-3
+
+
+class ClientLevelDP(StrictRounds):
+    """Wrap a mean-based strategy so that its model is (ε, δ)-DP for each client.
+
+    Parameters
+    ----------
+    strategy : Strategy
+        FedAvg, FedAvgM, FedProx, FedAdam, FedYogi or FedAdagrad; or, for
+        ``placement="distributed"`` (and optionally ``"client"``), a
+        :class:`SecureAggregation` with ``weighting="uniform"`` around one of them.
+    target_epsilon : float | None
+        The ε to meet after the planned rounds. Without ``noise_multiplier`` the noise
+        is calibrated for it before round 1; with one, it is the budget at which the
+        run stops cleanly.
+    noise_multiplier : float | None
+        A fixed noise multiplier z (noise std over the clip norm); ε is then reported.
+    delta : float
+        The δ of the guarantee, in (0, 1); well below 1 / number of clients.
+    clip_norm : float
+        L2 norm each client's whole update is clipped to (the initial one if adaptive).
+    adaptive_clipping : bool
+        Move the clip norm towards ``target_quantile`` of the update norms (Andrew et
+        al.), using a noisy count of unclipped clients whose privacy cost is included.
+    target_quantile, clip_learning_rate : float
+        Adaptive clipping's target quantile (0.5) and geometric learning rate (0.2).
+    count_noise_std : float | None
+        Std of the noise on the count of unclipped clients; default m/20 for m
+        expected clients per round.
+    placement : str
+        ``"central"``: the server clips and adds noise (trusted server).
+        ``"client"``: clients clip (``client_clipping_mod``), the server adds noise.
+        ``"distributed"``: each client adds its share of integer noise inside secure
+        aggregation, so the server sees only the noisy sum.
+    sampling_rate : float | None
+        Poisson sampling: each connected node trains in a round with this probability,
+        drawn by this wrapper (the inner strategy must then select every node); the
+        accounting claims amplification by sampling (against everyone but the server,
+        which knows the sample: the central and client placements trust it). None: the
+        inner strategy's selection, accounted without amplification (it is not Poisson
+        sampling). Refused for ``"distributed"``, whose adversary is the server.
+    accountant : str
+        ``"pld"`` (tight, default), ``"prv"`` (Opacus) or ``"rdp"``. The distributed
+        placement always uses the Rényi bounds of its discrete mechanism.
+    mechanism : str
+        The distributed placement's integer noise: ``"skellam"`` (Agarwal et al. 2021;
+        shares add up to exactly a Skellam) or ``"ddg"`` (distributed discrete
+        Gaussian, Kairouz et al. 2021).
+    seed : int | None
+        For reproducible tests only: seeds the noise and the sampling, which then
+        carry no privacy. Default: a generator seeded from the OS CSPRNG.
+    """
+
+    def __init__(
+        self,
+        strategy: Strategy,
+        *,
+        target_epsilon: float | None = None,
+        noise_multiplier: float | None = None,
+        delta: float = 1e-5,
+        clip_norm: float = 0.1,
+        adaptive_clipping: bool = False,
+        target_quantile: float = 0.5,
+        clip_learning_rate: float = 0.2,
+        count_noise_std: float | None = None,
+        placement: str = "central",
+        sampling_rate: float | None = None,
+        accountant: str = "pld",
+        mechanism: str = "skellam",
+        seed: int | None = None,
+        min_train_replies: int | None = None,
+        max_failed_rounds: int = 0,
+        node_wait_timeout: float = 300.0,
+    ) -> None:
+        super().__init__(
+            strategy,
+            min_train_replies=min_train_replies,
+            max_failed_rounds=max_failed_rounds,
+            node_wait_timeout=node_wait_timeout,
+        )
+        if target_epsilon is None and noise_multiplier is None:
+            raise ValueError("give target_epsilon (calibrated noise) or noise_multiplier")
+        if target_epsilon is not None and not (
+            math.isfinite(target_epsilon) and target_epsilon > 0
+        ):
+            raise ValueError(f"target_epsilon must be a finite number > 0, got {target_epsilon}")
+        if noise_multiplier is not None:
+            GaussianRounds(noise_multiplier, 1.0, 1)  # validates z
+        if not 0 < delta < 1:
+            raise ValueError(f"delta must be in (0, 1), got {delta}")
+        if not (math.isfinite(clip_norm) and clip_norm > 0):
+            raise ValueError(f"clip_norm must be a finite number > 0, got {clip_norm}")
+        if placement not in PLACEMENTS:
+            raise ValueError(f"placement must be one of {PLACEMENTS}, got {placement!r}")
+        if sampling_rate is not None and not 0 < sampling_rate <= 1:
+            raise ValueError(f"sampling_rate must be in (0, 1], got {sampling_rate}")
+        if accountant not in ACCOUNTANTS:
+            raise ValueError(f"accountant must be one of {ACCOUNTANTS}, got {accountant!r}")
+        if mechanism not in MECHANISMS:
+            raise ValueError(f"mechanism must be one of {MECHANISMS}, got {mechanism!r}")
+        if placement == "distributed" and target_epsilon is None:
+            raise ValueError(
+                "placement='distributed' calibrates its integer noise for a target: give "
+                "target_epsilon"
+            )
+        if count_noise_std is not None and not count_noise_std > 0:
+            raise ValueError(f"count_noise_std must be > 0, got {count_noise_std}")
+        self.adaptive = (
+            AdaptiveClipping(target_quantile, clip_learning_rate) if (adaptive_clipping) else None
+        )
+        self.secure = strategy if isinstance(strategy, SecureAggregation) else None
+        _check_inner(strategy, self.secure, placement, adaptive_clipping, sampling_rate)
+        self.target_epsilon, self.fixed_noise_multiplier = target_epsilon, noise_multiplier
+        self.delta, self.initial_clip_norm = delta, clip_norm
+        self.count_noise_std, self.placement = count_noise_std, placement
+        self.sampling_rate, self.accountant, self.seed = sampling_rate, accountant, seed
+        self.mechanism = mechanism
+        self.planned_rounds = 0
+        self.distributed_plan: DistributedPlan | None = None
+        # Per run (prepare_run).
+        self.noise_multiplier = noise_multiplier or 0.0
+        self.clip_norm = clip_norm
+        self.expected_clients: float | None = None
+        self.update_noise_multiplier: float | None = None
+        self.released = 0
+        self._epsilons: dict[int, float] = {}
+        self._rng = secure_generator(seed)
+        self._global: ArrayRecord | None = None
+
+    @property
+    def accounted_sampling_rate(self) -> float:
+        """q in the accounting: the Poisson rate, or 1 (no amplification claimed)."""
+        return self.sampling_rate or 1.0
+
+    # -- run set-up and budget ------------------------------------------------------
+
+    def prepare_run(self, grid: Grid, num_rounds: int) -> None:
+        """Calibrate the noise for the planned rounds and sampling, before round 1."""
+        super().prepare_run(grid, num_rounds)
+        self._rng = secure_generator(self.seed)
+        self.released, self._epsilons, self.clip_norm = 0, {}, self.initial_clip_norm
+        self.expected_clients = self.update_noise_multiplier = None
+        self.planned_rounds, self.distributed_plan = num_rounds, None
+        if self.secure is not None:
+            self.secure.encoding = None
+        q = self.accounted_sampling_rate
+        if self.placement == "distributed":
+            pass  # calibrated at round 1, when the model's size is known
+        elif self.fixed_noise_multiplier is None:
+            assert self.target_epsilon is not None
+            self.noise_multiplier = calibrate(
+                self.target_epsilon, self.delta, q, num_rounds, self.accountant
+            )
+            log(
+                INFO,
+                "ClientLevelDP: noise multiplier %.4f calibrated for ε=%s, δ=%g, q=%s, %d rounds",
+                self.noise_multiplier,
+                self.target_epsilon,
+                self.delta,
+                q,
+                num_rounds,
+            )
+        else:
+            self.noise_multiplier = self.fixed_noise_multiplier
+        if self.sampling_rate is not None:
+            self._wait_for_nodes(grid)
+            self._fix_expected_clients(self.sampling_rate * len(list(grid.get_node_ids())))
+
+    def stop_reason(self, server_round: int) -> str | None:
+        """Stop cleanly once one more round would take ε past ``target_epsilon``."""
+        if self.target_epsilon is None:
+            return None
+        if self.placement == "distributed" and self.distributed_plan is None:
+            return None  # round 1: calibrated for the target when it is configured
+        after_next = self._epsilon_after(self.released + 1)
+        if after_next <= self.target_epsilon:
+            return None
+        spent = self._epsilon_after(self.released) if self.released else 0.0
+        reason = (
+            f"privacy budget spent: ε={spent:.4f} after {self.released} private round(s); "
+            f"one more would reach ε={after_next:.4f} > target {self.target_epsilon} "
+            f"(δ={self.delta:g})"
+        )
+        log(WARNING, "ClientLevelDP: %s; keeping the last model", reason)
+        return reason
+
+    def _epsilon_after(self, rounds: int) -> float:
+        if rounds not in self._epsilons:
+            q = self.accounted_sampling_rate
+            plan = self.distributed_plan
+            if plan is None:
+                mechanism = GaussianRounds(self.noise_multiplier, q, rounds)
+                self._epsilons[rounds] = epsilon(mechanism, self.delta, self.accountant)
+            else:
+                self._epsilons[rounds] = discrete_epsilon(self._discrete_event(rounds), self.delta)
+        return self._epsilons[rounds]
+
+    def _discrete_event(self, rounds: int) -> SkellamRounds | DistributedDiscreteGaussianRounds:
+        plan, secure = self.distributed_plan, self.secure
+        assert plan is not None and secure is not None
+        common = (self.initial_clip_norm, self._dim, plan.scale, plan.noise_variance)
+        q = self.accounted_sampling_rate
+        if self.mechanism == "skellam":
+            return SkellamRounds(*common, q, rounds, _BETA)
+        return DistributedDiscreteGaussianRounds(
+            *common, q, rounds, secure.min_train_replies, secure.quantizer.max_clients, _BETA
+        )
+
+    def _plan_distributed(self, arrays: ArrayRecord) -> None:
+        """Calibrate each client's integer noise share for the target, before round 1."""
+        assert self.secure is not None and self.target_epsilon is not None
+        dim = self._dim = sum(int(np.prod(a.shape)) for a in arrays.values())
+        plan = plan_distributed(
+            self.mechanism,
+            self.target_epsilon,
+            self.delta,
+            clip=self.clip_norm,
+            dim=dim,
+            sampling_rate=self.accounted_sampling_rate,
+            rounds=self.planned_rounds,
+            min_clients=self.secure.min_train_replies,
+            max_clients=self.secure.quantizer.max_clients,
+            beta=_BETA,
+        )
+        self.distributed_plan = plan
+        # The Gaussian-equivalent z: summed noise std over the rounded update's L2 bound.
+        self.noise_multiplier = math.sqrt(plan.noise_variance) / plan.l2_sensitivity
+        self.secure.encoding = DistributedNoiseEncoding(
+            self.mechanism, self.clip_norm, plan.scale, plan.share_variance, _BETA
+        )
+        log(
+            INFO,
+            "ClientLevelDP: %s noise, scale %.4g, share variance %.4g per client (sum over "
+            ">= %d survivors: noise multiplier >= %.4f), ε=%.4f after %d rounds, wrap-around "
+            "probability <= %.2g per round",
+            self.mechanism,
+            plan.scale,
+            plan.share_variance,
+            self.secure.min_train_replies,
+            self.noise_multiplier,
+            plan.epsilon,
+            self.planned_rounds,
+            plan.wrap_probability,
+        )
+
+    def _fix_expected_clients(self, expected: float) -> None:
+        """Fix m (the denominator and the count noise scale) once per run."""
+        if not expected > 0:
+            raise ValueError(
+                f"the expected number of clients per round must be > 0, got {expected}"
+            )
+        self.expected_clients = float(expected)
+        if self.adaptive is not None:
+            sigma_b = self.count_noise_std or self.expected_clients / 20
+            self.count_noise_std_in_use = sigma_b
+            self.update_noise_multiplier = adaptive_update_noise(self.noise_multiplier, sigma_b)
+        else:
+            self.update_noise_multiplier = self.noise_multiplier
+        if self.secure is not None:
+            self.secure.uniform_denominator = self.expected_clients
+
+    # -- Strategy ---------------------------------------------------------------------
+
+    def summary(self) -> None:
+        """Log the DP settings, then the inner strategy's."""
+        log(
+            INFO,
+            "\t├──> ClientLevelDP: %s placement, %s clip norm %s, noise multiplier %.4f, "
+            "δ=%g, sampling %s, %s accountant",
+            self.placement,
+            "adaptive" if self.adaptive else "fixed",
+            self.initial_clip_norm,
+            self.noise_multiplier,
+            self.delta,
+            f"Poisson q={self.sampling_rate}"
+            if self.sampling_rate
+            else "by the inner strategy (no amplification claimed)",
+            self.accountant,
+        )
+        if float(getattr(_innermost(self.strategy), "fraction_evaluate", 0.0)) > 0:
+            log(
+                WARNING,
+                "ClientLevelDP: federated evaluation metrics come from clients' data without "
+                "noise: they are outside the DP guarantee (evaluate on server-held data)",
+            )
+        super().summary()
+
+    def configure_train(
+        self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
+    ) -> Iterable[Message]:
+        """Let the inner strategy configure, sample (Poisson) and send the clip norm."""
+        config = ConfigRecord(dict(config))
+        if self.placement == "client":
+            config[wire.CLIP_NORM] = self.clip_norm
+        if self.secure is not None and self.sampling_rate is not None:
+            self.secure.node_sampler = self._poisson
+        if self.secure is not None and self.placement == "client":
+            self.secure.mean_transform = self._noisy_mean
+        if self.placement == "distributed" and self.distributed_plan is None:
+            self._plan_distributed(arrays)
+        self._clip_used = self.clip_norm
+        messages = list(super().configure_train(server_round, arrays, config, grid))
+        self._global = arrays
+        if self.secure is None and self.sampling_rate is not None:
+            connected = sorted(grid.get_node_ids())
+            addressed = sorted(m.metadata.dst_node_id for m in messages)
+            if addressed != connected:
+                raise ValueError(
+                    f"ClientLevelDP samples nodes itself (sampling_rate={self.sampling_rate}), "
+                    f"but the inner strategy addressed {len(addressed)} of {len(connected)} "
+                    "connected nodes: set fraction_train=1.0 on it"
+                )
+            keep = set(self._poisson(addressed))
+            messages = [m for m in messages if m.metadata.dst_node_id in keep]
+            self._sent_to[server_round] = sorted(keep)
+            log(INFO, "ClientLevelDP: Poisson sample of %d of %d nodes", len(keep), len(addressed))
+        if self.expected_clients is None:
+            # Fixed-size selection: its size in round 1, kept for the whole run.
+            self._fix_expected_clients(len(messages))
+        return messages
+
+    def aggregate_train(
+        self, server_round: int, replies: Iterable[Message]
+    ) -> tuple[ArrayRecord | None, MetricRecord | None]:
+        """Clip (central), sum, add noise, divide by the expected count; then account."""
+        if self.secure is not None:
+            arrays, inner_metrics = self.secure.aggregate_train(server_round, replies)
+            if arrays is None:
+                raise RoundFailedError(server_round, "secure aggregation returned no model")
+            metrics = MetricRecord(
+                {k: v for k, v in (inner_metrics or {}).items() if k.startswith("secagg-")}
+            )
+        else:
+            arrays = self._aggregate_in_the_clear(server_round, replies)
+            metrics = MetricRecord()
+        self.released += 1
+        metrics.update(
+            {
+                "dp-epsilon": self._epsilon_after(self.released),
+                "dp-delta": self.delta,
+                "dp-noise-multiplier": self.noise_multiplier,
+                "dp-clip-norm": self._clip_used,
+            }
+        )
+        if self.adaptive is not None:
+            metrics["dp-unclipped-fraction"] = self._unclipped_fraction
+        log(
+            INFO,
+            "round %d: ε=%.4f at δ=%g after %d private round(s)",
+            server_round,
+            metrics["dp-epsilon"],
+            self.delta,
+            self.released,
+        )
+        return arrays, metrics
+
+    @property
+    def empty_rounds_aggregate(self) -> bool:
+        """Under Poisson sampling in the clear, every round releases a noisy mean.
+
+        Whether a round ran would otherwise depend on who was sampled (membership): a
+        round with no sampled or no usable reply releases noise alone, as accounted.
+        """
+        return self.sampling_rate is not None and self.secure is None
+
+    # -- internals ----------------------------------------------------------------------
+
+    def _poisson(self, nodes: list[int]) -> list[int]:
+        """Each node independently with probability q (CSPRNG-seeded generator)."""
+        q = self.accounted_sampling_rate
+        return sorted(n for n in nodes if self._rng.random() < q)
+
+    def _reply_problem(self, reply: Message) -> str | None:
+        problem = super()._reply_problem(reply)
+        if problem is not None or self.placement != "client":
+            return problem
+        metrics = [r for r in reply.content.metric_records.values() if wire.UNCLIPPED in r]
+        if not metrics or metrics[0][wire.UNCLIPPED] not in (0, 1):
+            return (
+                f"no {wire.UNCLIPPED!r} metric of 0 or 1: is client_clipping_mod in the "
+                "ClientApp, as ClientApp(mods=[client_clipping_mod])?"
+            )
+        delta, global_norm = self._delta(reply)
+        norm = float(np.linalg.norm(delta))
+        if norm > self.clip_norm * (1 + _CLIP_SLACK) + 1e-6 * global_norm:
+            return f"update norm {norm:.6g} exceeds the clip norm {self.clip_norm:.6g}"
+        return None
+
+    def _delta(self, reply: Message) -> tuple[np.ndarray, float]:
+        assert self._global is not None
+        local = next(iter(reply.content.array_records.values()))
+        before = [self._global[k].numpy() for k in self._global.keys()]
+        delta = np.concatenate(
+            [
+                np.subtract(local[k].numpy(), b, dtype=np.float64).reshape(-1)
+                for k, b in zip(self._global.keys(), before, strict=True)
+            ]
+        )
+        return delta, float(np.sqrt(sum(np.sum(np.square(b, dtype=np.float64)) for b in before)))
+
+    def _aggregate_in_the_clear(self, server_round: int, replies: Iterable[Message]) -> ArrayRecord:
+        usable = self._usable_replies(
+            server_round, replies, minimum=0 if self.empty_rounds_aggregate else None
+        )
+        assert self._global is not None
+        total = np.zeros(sum(a.numpy().size for a in self._global.values()))
+        unclipped = 0
+        for reply in usable:
+            delta, _ = self._delta(reply)
+            # Client placement: re-clipping only removes float32 slack (checked above).
+            clipped, was_clipped = clip_l2(delta, self.clip_norm)
+            if self.placement == "client":
+                metrics = [r for r in reply.content.metric_records.values() if wire.UNCLIPPED in r]
+                was_clipped = not metrics[0][wire.UNCLIPPED]
+            unclipped += not was_clipped
+            total += clipped
+        mean_delta = self._noisy_mean(total / self.expected_clients)
+        self._update_clip(unclipped, len(usable))
+        weight_key = str(getattr(self.strategy, "weighted_by_key", "num-examples"))
+        synthetic = Message(RecordDict(), dst_node_id=0, message_type="train")
+        synthetic.content = RecordDict(
+            {
+                str(getattr(self.strategy, "arrayrecord_key", "arrays")): _apply(
+                    self._global, mean_delta
+                ),
+                "metrics": MetricRecord({weight_key: 1}),
+            }
+        )
+        # The inner strategy's own metrics are aggregates of clients' un-noised
+        # metrics: they are not released.
+        arrays, _ = self.strategy.aggregate_train(server_round, [synthetic])
+        if arrays is None:
+            raise RoundFailedError(
+                server_round, f"{type(self.strategy).__name__} returned no model"
+            )
+        return arrays
+
+    def _noisy_mean(self, mean_delta: np.ndarray) -> np.ndarray:
+        """Mean of clipped updates (sum over m) plus N(0, (z_Δ·C/m)²) per coordinate."""
+        assert self.expected_clients is not None and self.update_noise_multiplier is not None
+        self._clip_used = self.clip_norm
+        std = self.update_noise_multiplier * self.clip_norm / self.expected_clients
+        return add_gaussian_noise(mean_delta, std, self._rng)
+
+    def _update_clip(self, unclipped: int, participants: int) -> None:
+        if self.adaptive is None:
+            return
+        sigma_b = self.count_noise_std_in_use
+        noise = float(snap(np.array([self._rng.normal(0.0, sigma_b)]), sigma_b)[0])
+        assert self.expected_clients is not None
+        fraction = noisy_unclipped_fraction(unclipped, participants, self.expected_clients, noise)
+        self._unclipped_fraction = fraction
+        self.clip_norm = self.adaptive.next_clip_norm(self.clip_norm, fraction)
+
+
+def _apply(global_arrays: ArrayRecord, mean_delta: np.ndarray) -> ArrayRecord:
+    out, offset = {}, 0
+    for key, array in global_arrays.items():
+        before = array.numpy()
+        part = mean_delta[offset : offset + before.size].reshape(before.shape)
+        out[key] = Array((before.astype(np.float64) + part).astype(before.dtype))
+        offset += before.size
+    return ArrayRecord(out)
+
+
+def _innermost(strategy: Strategy) -> Strategy:
+    while isinstance(strategy, StrictRounds):
+        strategy = strategy.strategy
+    return strategy
+
+
+def _check_inner(
+    strategy: Strategy,
+    secure: SecureAggregation | None,
+    placement: str,
+    adaptive: bool,
+    sampling_rate: float | None,
+) -> None:
+    if secure is None:
+        if placement == "distributed":
+            raise TypeError(
+                "placement='distributed' needs a SecureAggregation(..., weighting='uniform') "
+                "as the inner strategy: the noise shares only add up inside secure aggregation"
+            )
+        if type(strategy) not in MEAN_STRATEGIES:
+            raise TypeError(
+                f"ClientLevelDP needs a mean-based inner strategy (FedAvg, FedAvgM, FedProx, "
+                f"FedAdam, FedYogi, FedAdagrad), got {type(strategy).__name__}: the noise "
+                "bounds a mean of clipped updates"
+            )
+        return
+    if placement == "central":
+        raise TypeError(
+            "placement='central' clips on the server, which cannot see updates under secure "
+            "aggregation: use placement='client' (clients clip) or 'distributed'"
+        )
+    if secure.weighting != "uniform":
+        raise ValueError(
+            "client-level DP needs uniform client weights (example counts are data and break "
+            "the sensitivity bound): build SecureAggregation(..., weighting='uniform')"
+        )
+    if adaptive:
+        raise ValueError(
+            "adaptive clipping under secure aggregation needs a noisy count of unclipped "
+            "clients summed inside the protocol, which is not supported yet: use fixed "
+            "clipping (adaptive_clipping=False)"
+        )
+    if placement == "distributed" and sampling_rate is not None:
+        raise ValueError(
+            "placement='distributed' protects against the server, which picks the cohort "
+            "and sees who answers: amplification by sampling does not hold against it, so "
+            "the accounting takes q=1. Leave sampling_rate=None (the inner strategy's "
+            "cohort trains)"
+        )
+    if secure.group_size is not None and sampling_rate is not None:
+        raise ValueError(
+            "with SecureAggregation groups the group selection decides who trains: leave "
+            "sampling_rate=None (accounted without amplification, see the card)"
+        )
