@@ -99,3 +99,12 @@ def flower_fixed_clipping_epsilon(
         GaussianPrivacyEvent(noise_multiplier, sample_size, population_size), count=rounds
     )
     return float(accountant.get_epsilon(delta))
+
+
+def is_simulation_grid(grid: object) -> bool:
+    """Whether ``grid`` is the in-memory grid of Flower's simulation engine."""
+    try:
+        from flwr.superlink.grid.inmemory_grid import InMemoryGrid
+    except ImportError:  # another Flower layout: never claim a simulation
+        return False
+    return isinstance(grid, InMemoryGrid)

@@ -155,17 +155,21 @@ def test_client_placement_rejects_a_client_that_lies_about_clipping() -> None:
         strategy.start(grid, initial_arrays(8), num_rounds=1)
 
 
-def test_client_placement_composes_with_secure_aggregation() -> None:
-    dim, clip, z = 4096, 1.0, 1.0
-    app = make_toy_client_app(dim=dim, mods=[secagg_mod, client_clipping_mod])
-    grid = InProcessGrid(app, num_nodes=N)
-    inner = SecureAggregation(_fedavg(), weighting="uniform", clip_range=1.0, max_weight=1)
-    strategy = ClientLevelDP(inner, noise_multiplier=z, clip_norm=clip, placement="client", seed=4)
-    result = strategy.start(grid, initial_arrays(dim), num_rounds=1)
-    metrics = result.train_metrics_clientapp[1]
-    assert metrics["secagg-clients"] == N and metrics["dp-epsilon"] > 0
-    noise = result.arrays["w"].numpy().astype(np.float64) - clip / math.sqrt(dim)
-    assert noise.var() == pytest.approx((z * clip / N) ** 2, rel=0.1)
+def test_server_noise_under_secure_aggregation_is_refused() -> None:
+    # Secure aggregation's fixed-point rounding would add up to sqrt(d)/scale to each
+    # update's norm, beyond the clip norm that server noise is calibrated for.
+    inner = SecureAggregation(_fedavg(), weighting="uniform")
+    for placement in ("central", "client"):
+        with pytest.raises(TypeError, match="needs placement='distributed'"):
+            ClientLevelDP(inner, noise_multiplier=1.0, placement=placement)
+
+
+def test_a_fixed_size_sample_is_refused() -> None:
+    # Adding a client could push another out of a fixed-size sample: sensitivity 2C.
+    grid = InProcessGrid(make_toy_client_app(), num_nodes=N)
+    strategy = ClientLevelDP(_fedavg(0.5), noise_multiplier=1.0, accountant="rdp")
+    with pytest.raises(ValueError, match="doubling the sensitivity"):
+        strategy.start(grid, initial_arrays(), num_rounds=1)
 
 
 def test_adaptive_clipping_reports_a_moving_clip_norm_and_charges_the_count() -> None:
@@ -227,13 +231,12 @@ def test_bad_configurations_are_refused_with_the_reason() -> None:
         ClientLevelDP(FedMedian(), noise_multiplier=1.0)
     with pytest.raises(TypeError, match="SecureAggregation"):
         ClientLevelDP(_fedavg(), target_epsilon=3.0, placement="distributed")
-    secure = SecureAggregation(_fedavg(), weighting="uniform")
-    with pytest.raises(TypeError, match="cannot see updates"):
-        ClientLevelDP(secure, noise_multiplier=1.0, placement="central")
+    distributed = {"target_epsilon": 3.0, "placement": "distributed"}
     with pytest.raises(ValueError, match="uniform client weights"):
-        ClientLevelDP(SecureAggregation(_fedavg()), noise_multiplier=1.0, placement="client")
-    with pytest.raises(ValueError, match="adaptive clipping under secure aggregation"):
-        ClientLevelDP(secure, noise_multiplier=1.0, placement="client", adaptive_clipping=True)
+        ClientLevelDP(SecureAggregation(_fedavg()), **distributed)
+    secure = SecureAggregation(_fedavg(), weighting="uniform")
+    with pytest.raises(ValueError, match="adaptive clipping with distributed noise"):
+        ClientLevelDP(secure, adaptive_clipping=True, **distributed)
     with pytest.raises(ValueError, match="target_quantile must be in"):
         ClientLevelDP(_fedavg(), noise_multiplier=1.0, adaptive_clipping=True, target_quantile=1)
 
@@ -276,6 +279,7 @@ def test_distributed_noise_is_never_below_the_target_and_exactly_it_at_the_minim
     plan = strategy.distributed_plan
     survivors = n - dropped
     assert result.train_metrics_clientapp[1]["secagg-clients"] == survivors
+    assert "secagg-clipped" not in result.train_metrics_clientapp[1]
     assert result.train_metrics_clientapp[1]["dp-epsilon"] <= 3.0
     # Zero updates: the decoded mean is the summed noise / (γ · m), m = n expected.
     noise = result.arrays["w"].numpy().astype(np.float64) * plan.scale * n
@@ -317,5 +321,26 @@ def test_a_round_with_nobody_sampled_still_releases_noise() -> None:
     result = strategy.start(grid, initial_arrays(64), num_rounds=1)
     assert not [e for e in grid.transcript if e.message_type == "train"]
     assert not result.failed_rounds and "dp-epsilon" in result.train_metrics_clientapp[1]
-    # Noise alone moved the model (std z·C/m with m = q·N expected clients).
-    assert np.abs(result.arrays["w"].numpy()).mean() > 0
+    # Noise alone moved the model: std z·C/m with m = q·N = 1e-5 expected clients.
+    assert result.arrays["w"].numpy().std() == pytest.approx(1.0 * 0.1 / (1e-6 * N), rel=0.3)
+
+
+def test_adaptive_clipping_applies_the_update_noise_for_the_clip_norm_in_use() -> None:
+    dim, sigma_b = 20_000, 2.0
+    grid = InProcessGrid(_unchanged_app([]), num_nodes=N)
+    strategy = ClientLevelDP(
+        _fedavg(),
+        noise_multiplier=1.0,
+        adaptive_clipping=True,
+        count_noise_std=sigma_b,
+        clip_norm=0.5,
+        accountant="rdp",
+        seed=9,
+    )
+    result = strategy.start(grid, initial_arrays(dim), num_rounds=1)
+    z_update = (1.0 - (2 * sigma_b) ** -2) ** -0.5
+    assert strategy.update_noise_multiplier == pytest.approx(z_update)
+    # Zero updates: the model is the noise, std z_Δ · C / m with C the round's clip norm.
+    assert result.arrays["w"].numpy().std() == pytest.approx(z_update * 0.5 / N, rel=0.03)
+    # Every update fitted under the clip norm: it shrinks (b̄ ≈ 1 > 0.5, up to noise).
+    assert strategy.clip_norm < 0.5

@@ -203,6 +203,9 @@ def test_tampered_ciphertext_bytes_never_decrypt_to_a_wrong_model(keys) -> None:
     model = {"w": np.linspace(-1, 1, 9000).astype(np.float32)}
     blob, layout = _upload(keys, model)
     envelope = Envelope.from_bytes(blob)
+    untampered = he.decrypt_model(
+        client, he.add_updates(server, [he.load_update(server, envelope, layout, LIMITS)])
+    )
     rng = np.random.default_rng(1)
     refused = 0
     for _ in range(40):
@@ -220,7 +223,12 @@ def test_tampered_ciphertext_bytes_never_decrypt_to_a_wrong_model(keys) -> None:
             assert "chunk" in str(err)  # names where, never what
             refused += 1
             continue
-        assert np.max(np.abs(result.arrays["w"] - model["w"])) <= 5 / 2**16
+        # Accepted: bit-for-bit the model the untampered ciphertext decrypts to.
+        assert np.array_equal(result.arrays["w"], untampered.arrays["w"])
+        assert (result.total_weight, result.clipped) == (
+            untampered.total_weight,
+            untampered.clipped,
+        )
     assert refused >= 30
     # A chunk swapped for a valid ciphertext of other content: only the canary sees it.
     chunks = list(envelope.chunks)
@@ -333,3 +341,110 @@ def test_derived_bfv_parameters_fit_seal_and_leave_noise_room() -> None:
         assert params.plain_modulus % (2 * params.poly_modulus_degree) == 1
         ctx = he.HEContext(he.keys.make_context(params))  # SEAL accepts them
         ctx.check_limits(limits)
+
+
+def test_max_clients_copies_of_an_extreme_ciphertext_decrypt_exactly(keys) -> None:
+    """Worst case the capacity check must hold: max_clients copies of ONE ciphertext (its
+    noise adds up coherently, K times) of values at ±clip_range and weight max_weight
+    (every slot at the declared maximum), under parameters sized to within two bits of
+    the noise bound; and one bit less than the bound is refused."""
+    client, server = keys["bfv"]
+    k = LIMITS.max_clients
+    params = he.derive_parameters("bfv", LIMITS)
+    t, n = server.plain_modulus, server.poly_modulus_degree
+    needed = 2 * t * k * he.presets.bfv_noise_per_ciphertext(n)
+    assert needed < server.data_modulus < 4 * needed  # the key is sized tightly
+    signs = np.where(np.arange(3 * server.slots) % 2 == 0, 1.0, -1.0)
+    model = {"w": (LIMITS.clip_range * signs).astype(np.float32)}
+    layout = he.Layout.of(model)
+    upload = he.encrypt_model(client, model, LIMITS.max_weight, LIMITS).envelope.to_bytes()
+    copies = [he.load_update(server, upload, layout, LIMITS) for _ in range(k)]
+    result = he.decrypt_model(client, he.add_updates(server, copies))
+    assert result.contributors == k and result.total_weight == k * LIMITS.max_weight
+    assert np.array_equal(result.arrays["w"], model["w"])  # K * (±max_quantized), exact
+    # The raw sum, slot by slot: exactly K times the one contribution, canaries included.
+    one = he.engine._deserialize(client, Envelope.from_bytes(upload))
+    again = [he.load_update(server, upload, layout, LIMITS) for _ in range(k)]
+    summed = he.engine._deserialize(client, he.add_updates(server, again))
+    for single, total in zip(one, summed, strict=True):
+        assert np.array_equal(k * np.array(single.decrypt()), np.array(total.decrypt()))
+    # A coefficient modulus one bit short of the noise bound is refused.
+    small = he.HEParameters("bfv", n, (needed.bit_length() - 1, 60), plain_modulus=t)
+    undersized = he.HEContext(he.keys.make_context(small))
+    assert undersized.data_modulus < needed
+    with pytest.raises(he.CapacityError, match="noise of max_clients=8 added ciphertexts"):
+        undersized.check_limits(LIMITS)
+    assert params.coeff_mod_bit_sizes[-1] == 60
+
+
+def test_swapped_chunks_are_refused_by_their_canaries(keys) -> None:
+    """Each chunk's canary is its position (1 + j): a reordered upload cannot decrypt."""
+    client, server = keys["bfv"]
+    model = {"w": np.linspace(-1, 1, 3 * client.slots).astype(np.float32)}
+    blob, layout = _upload(keys, model)
+    envelope = Envelope.from_bytes(blob)
+    assert len(envelope.chunks) == 4
+    chunks = list(envelope.chunks)
+    chunks[1], chunks[2] = chunks[2], chunks[1]
+    swapped = Envelope(envelope.scheme, envelope.fingerprint, layout, LIMITS, 1, tuple(chunks))
+    # Both chunks are full-size, so only the canaries can tell.
+    aggregate = he.add_updates(server, [he.load_update(server, swapped, layout, LIMITS)])
+    with pytest.raises(
+        he.InvalidCiphertext, match=r"canary check failed in 2 of 4 chunks \(first: chunk 1\)"
+    ):
+        he.decrypt_model(client, aggregate)
+    # The canaries of one contribution are 1, 2, 3, 4 (K times that in a sum of K).
+    raw = he.engine._deserialize(client, envelope)
+    assert [round(v.decrypt()[0]) for v in raw] == [1, 2, 3, 4]
+
+
+def _forged(envelope: Envelope, chunk: bytes) -> Envelope:
+    return Envelope(
+        envelope.scheme,
+        envelope.fingerprint,
+        envelope.layout,
+        envelope.limits,
+        1,
+        (chunk, *envelope.chunks[1:]),
+    )
+
+
+def test_a_ciphertext_at_another_scale_or_level_is_refused_at_load(keys) -> None:
+    """Parseable under the key, but not addable to fresh encryptions: named at load."""
+    ts = tenseal()
+    client, server = keys["ckks"]
+    model = {"w": np.zeros(10, np.float32)}
+    layout = he.Layout.of(model)
+    envelope = he.encrypt_model(client, model, 1, LIMITS).envelope
+    length = len(ts.ckks_vector_from(client.context, envelope.chunks[0]).decrypt())
+    other_scale = ts.ckks_vector(client.context, [1.0] * length, scale=2.0**30).serialize()
+    with pytest.raises(he.InvalidCiphertext, match=r"chunk 0 has CKKS scale 2\^30, expected 2\^40"):
+        he.load_update(server, _forged(envelope, other_scale), layout, LIMITS)
+    nv_client, nv_server = keys["nvflare"]  # [60, 40, 40]: two data levels
+    envelope = he.encrypt_model(nv_client, model, 1, LIMITS).envelope
+    vec = ts.ckks_vector(nv_client.context, [1.0] * length)
+    lower = (vec * ([1.0] * length)).serialize()  # rescaled: one prime fewer
+    with pytest.raises(he.InvalidCiphertext, match="chunk 0 is at another modulus level"):
+        he.load_update(nv_server, _forged(envelope, lower), layout, LIMITS)
+    # Without the check, the sum would fail for everyone:
+    fresh = ts.ckks_vector_from(
+        client.context, he.encrypt_model(client, model, 1, LIMITS).envelope.chunks[0]
+    )
+    with pytest.raises(ValueError, match="scale mismatch"):
+        fresh + ts.ckks_vector_from(client.context, other_scale)
+
+
+def test_a_server_context_with_relinearisation_or_galois_keys_is_refused(keys) -> None:
+    client, _ = keys["ckks"]
+    for make in ("generate_relin_keys", "generate_galois_keys"):
+        context = client.context.copy()
+        getattr(context, make)()
+        context.make_context_public()
+        blob = context.serialize(
+            save_public_key=True, save_secret_key=False, save_galois_keys=True, save_relin_keys=True
+        )
+        ctx = he.HEContext.from_bytes(blob)
+        assert not ctx.is_private and ctx.fingerprint == client.fingerprint
+        with pytest.raises(he.KeyRoleError, match="(relinearisation|Galois) keys"):
+            ctx.require_public_only()
+    keys["ckks"][1].require_public_only()  # server.ctx as generated: accepted

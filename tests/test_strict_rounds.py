@@ -182,3 +182,24 @@ def test_constructor_errors_name_parameter_and_value() -> None:
         StrictRounds(FedAvg(), max_failed_rounds=-1)
     with pytest.raises(ValueError, match="num_rounds must be >= 1, got 0"):
         StrictRounds(FedAvg()).start(InProcessGrid(make_toy_client_app(), 2), initial_arrays(), 0)
+
+
+def test_a_model_refused_at_evaluation_is_rolled_back_and_recorded() -> None:
+    from flower_privacy.errors import RoundFailedError
+
+    class RefusedInRoundTwo(StrictRounds):
+        def aggregate_evaluate(self, server_round, replies):  # noqa: ANN001, ANN201
+            if server_round == 2:
+                raise RoundFailedError(server_round, "the nodes refused the model")
+            return super().aggregate_evaluate(server_round, replies)
+
+    grid = InProcessGrid(make_toy_client_app(), num_nodes=2)
+    result = RefusedInRoundTwo(_fedavg(2), max_failed_rounds=1).start(
+        grid, initial_arrays(), num_rounds=3
+    )
+    assert result.failed_rounds == {2: "evaluation refused: the nodes refused the model"}
+    # Each kept round moves the weights by the same weighted mean (1·1 + 2·2) / 3.
+    np.testing.assert_allclose(result.arrays["w"].numpy(), 2 * 5 / 3, rtol=1e-6)
+    with pytest.raises(RunHaltedError, match="evaluation refused") as info:
+        RefusedInRoundTwo(_fedavg(2)).start(grid, initial_arrays(), num_rounds=3)
+    np.testing.assert_allclose(info.value.result.arrays["w"].numpy(), 5 / 3, rtol=1e-6)

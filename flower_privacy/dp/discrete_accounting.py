@@ -97,8 +97,27 @@ def _check_common(event: SkellamRounds | DistributedDiscreteGaussianRounds) -> N
         raise ValueError(f"beta must be in [0, 1), got {event.beta}")
 
 
+class _RoundedUpdate:
+    """The sensitivities of a clipped, scaled, conditionally rounded update."""
+
+    clip: float
+    scale: float
+    dim: int
+    beta: float
+
+    @property
+    def l2_sensitivity(self) -> float:
+        """Δ₂ in integer units."""
+        return l2_sensitivity(self.clip, self.scale, self.dim, self.beta)
+
+    @property
+    def l1_sensitivity(self) -> float:
+        """Δ₁ in integer units."""
+        return l1_sensitivity(self.l2_sensitivity, self.dim)
+
+
 @dataclass(frozen=True)
-class SkellamRounds:
+class SkellamRounds(_RoundedUpdate):
     """``rounds`` rounds of the distributed Skellam sum on a Poisson sample of rate ``q``.
 
     ``noise_variance`` is the total noise variance of the sum in integer units with
@@ -117,19 +136,9 @@ class SkellamRounds:
     def __post_init__(self) -> None:
         _check_common(self)
 
-    @property
-    def l2_sensitivity(self) -> float:
-        """Δ₂ in integer units."""
-        return l2_sensitivity(self.clip, self.scale, self.dim, self.beta)
-
-    @property
-    def l1_sensitivity(self) -> float:
-        """Δ₁ in integer units."""
-        return l1_sensitivity(self.l2_sensitivity, self.dim)
-
 
 @dataclass(frozen=True)
-class DistributedDiscreteGaussianRounds:
+class DistributedDiscreteGaussianRounds(_RoundedUpdate):
     """``rounds`` rounds of the distributed discrete Gaussian sum, Poisson rate ``q``.
 
     ``noise_variance`` is the sum of the σ² parameters with ``min_clients`` survivors;
@@ -156,16 +165,6 @@ class DistributedDiscreteGaussianRounds:
                 f"max_clients must be an integer >= min_clients={self.min_clients}, "
                 f"got {self.max_clients}"
             )
-
-    @property
-    def l2_sensitivity(self) -> float:
-        """Δ₂ in integer units."""
-        return l2_sensitivity(self.clip, self.scale, self.dim, self.beta)
-
-    @property
-    def l1_sensitivity(self) -> float:
-        """Δ₁ in integer units."""
-        return l1_sensitivity(self.l2_sensitivity, self.dim)
 
     @property
     def local_variance(self) -> float:

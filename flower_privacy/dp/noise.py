@@ -9,11 +9,11 @@ Floating point (Mironov, "On Significance of the Least Significant Bits for
 Differential Privacy", CCS 2012): the set of doubles that ``x + noise`` can take
 depends on ``x``, which an observer of the raw output can exploit. We never release
 ``x + noise`` as drawn: the result is rounded to a fixed power-of-two grid about
-2^-20 of the noise scale ("snapping", Mironov's remedy). Every grid cell near the
-data then collects many doubles whatever ``x`` is, so the low-order bits carry no
-information about ``x``; the rounding itself is post-processing. This is a
-mitigation argued as in Mironov's paper, not a proof for the Gaussian; the
-distributed placement uses exact integer noise instead.
+2^-20 of the noise scale. Every grid cell near the data then collects many doubles
+whatever ``x`` is, so the low-order bits no longer single out ``x``. This is a
+heuristic in the spirit of Mironov's snapping, not his scheme (a grid at the noise
+scale plus clamping, proven for the Laplace) and not a proof for the Gaussian; the
+distributed placement adds integer noise in integer arithmetic instead.
 """
 
 from __future__ import annotations

@@ -150,21 +150,30 @@ class FlowerCli:
         outcome.wall_seconds = time.monotonic() - t_start
         return outcome
 
-    def status(self, run_id: int, connection: str) -> tuple[str, str]:
-        """(status, status-details) of a run from ``flwr ls --format json``."""
-        res = subprocess.run(
-            [command("flwr"), "ls", connection, "--run-id", str(run_id), "--format", "json"],
-            capture_output=True,
-            text=True,
-            env=self.env,
-            timeout=60,
-        )
-        try:
-            payload = json.loads(res.stdout)
-        except json.JSONDecodeError as err:
-            raise RuntimeError(f"flwr ls gave no JSON: {res.stdout!r} {res.stderr!r}") from err
+    def status(self, run_id: int, connection: str, attempts: int = 5) -> tuple[str, str]:
+        """(status, status-details) of a run from ``flwr ls --format json``.
+
+        A SuperLink that is briefly unreachable (a busy machine) is asked again, up to
+        ``attempts`` times two seconds apart.
+        """
+        for attempt in range(attempts):
+            res = subprocess.run(
+                [command("flwr"), "ls", connection, "--run-id", str(run_id), "--format", "json"],
+                capture_output=True,
+                text=True,
+                env=self.env,
+                timeout=60,
+            )
+            try:
+                payload = json.loads(res.stdout)
+            except json.JSONDecodeError as err:
+                raise RuntimeError(f"flwr ls gave no JSON: {res.stdout!r} {res.stderr!r}") from err
+            message = str(payload.get("error-message", payload))
+            if payload.get("success") or "unavailable" not in message or attempt == attempts - 1:
+                break
+            time.sleep(2.0)
         if not payload.get("success"):
-            raise RuntimeError(f"flwr ls failed: {payload.get('error-message', payload)}")
+            raise RuntimeError(f"flwr ls failed: {message}")
         runs = [r for r in payload["runs"] if int(r["run-id"]) == run_id]
         if not runs:
             raise RuntimeError(f"flwr ls does not know run {run_id}")

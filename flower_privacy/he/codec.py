@@ -1,12 +1,15 @@
 """Plaintext side of encrypted FedAvg: model layout, packing into slots, quantisation.
 
 Every model is flattened into one vector and cut into chunks of ``slots - 1`` values;
-each chunk's slot 0 is a *canary* that every client sets to 1, so that in an aggregate
-of K contributions every chunk's canary must decrypt to K. The first chunk also carries
-the client's weight (its example count, capped) and its count of clipped values:
+each chunk's slot 0 is a *canary*: chunk ``j`` carries ``1 + (j mod C)``, so that in an
+aggregate of K contributions chunk ``j``'s canary must decrypt to ``K * (1 + (j mod C))``
+(a chunk moved to another position is caught unless the positions differ by a multiple
+of C; the engine sets C to the largest value one client may put in a slot, so the
+canaries fit the capacity the declared limits already reserve). The first chunk also
+carries the client's weight (its example count, capped) and its count of clipped values:
 
-    chunk 0: [canary, weight, clipped, v0, v1, ...]
-    chunk i: [canary, v..., ...]
+    chunk 0: [canary 1, weight, clipped, v0, v1, ...]
+    chunk j: [canary 1 + (j mod C), v..., ...]
 
 Stochastic rounding draws its randomness from the OS CSPRNG (``os.urandom``).
 """
@@ -110,14 +113,22 @@ def chunk_lengths(n_values: int, slots: int) -> list[int]:
     return [slots] * full + ([rest + 1] if rest else [])
 
 
-def pack(header: np.ndarray, values: np.ndarray, slots: int) -> list[np.ndarray]:
-    """Cut ``header + values`` into chunks of ``slots - 1``, each led by a canary of 1."""
+def canaries(n_chunks: int, cycle: int) -> np.ndarray:
+    """The canary of each of ``n_chunks`` chunks in one contribution: ``1 + (j mod cycle)``."""
+    if cycle < 1:
+        raise HEConfigError(f"the canary cycle must be >= 1, got {cycle}")
+    return 1 + np.arange(n_chunks, dtype=np.int64) % cycle
+
+
+def pack(header: np.ndarray, values: np.ndarray, slots: int, cycle: int) -> list[np.ndarray]:
+    """Cut ``header + values`` into chunks of ``slots - 1``, chunk j led by its canary."""
     payload = np.concatenate([header.astype(values.dtype), values])
     per_chunk = slots - 1
-    one = np.ones(1, dtype=values.dtype)
+    starts = range(0, len(payload), per_chunk)
+    marks = canaries(len(starts), cycle).astype(values.dtype)
     return [
-        np.concatenate([one, payload[start : start + per_chunk]])
-        for start in range(0, len(payload), per_chunk)
+        np.concatenate([marks[j : j + 1], payload[start : start + per_chunk]])
+        for j, start in enumerate(starts)
     ]
 
 

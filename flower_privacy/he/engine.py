@@ -8,6 +8,7 @@ performs), :func:`encrypt_public_model` (the public initial model). Clients agai
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, replace
 from typing import Any, Protocol
@@ -80,13 +81,25 @@ def encrypt_model(
         clipped_values, clipped = codec.clip(values, limits.clip_range)
         encoded = clipped_values * float(weight)
     header = np.array([weight, min(clipped, limits.max_weight)], dtype=encoded.dtype)
-    chunks = codec.pack(header, encoded, ctx.slots)
+    chunks = codec.pack(header, encoded, ctx.slots, canary_cycle(ctx.scheme, limits))
     if encryptor is None:
         ciphertexts = encrypt_chunks(ctx.context, ctx.scheme, chunks)
     else:
         ciphertexts = encryptor.encrypt(ctx.scheme, chunks)
     envelope = Envelope(ctx.scheme, ctx.fingerprint, layout, limits, 1, tuple(ciphertexts))
     return EncryptedUpdate(envelope, clipped, weight)
+
+
+def canary_cycle(scheme: str, limits: DeclaredLimits) -> int:
+    """C of the chunk canaries ``1 + (j mod C)``: the most one client may put in a slot.
+
+    The capacity check already reserves room for ``max_clients`` such values in every
+    slot, so the canaries need no extra room. BFV: ``limits.bfv_slot_max``; CKKS:
+    ``max_weight * max(clip_range, 1)`` (whole part).
+    """
+    if scheme == "bfv":
+        return limits.bfv_slot_max
+    return max(1, int(limits.max_weight * max(limits.clip_range, 1.0)))
 
 
 def encrypt_public_model(
@@ -184,6 +197,11 @@ def decrypt_model(
             f"the envelope claims {k} contributions, outside [1, max_clients={limits.max_clients}]"
         )
     vectors = _deserialize(ctx, envelope)
+    cycle = canary_cycle(ctx.scheme, limits)
+
+    def expected_canaries(n_chunks: int) -> np.ndarray:
+        return k * codec.canaries(n_chunks, cycle)
+
     if ctx.scheme == "bfv":
         assert ctx.plain_modulus is not None
         half = (ctx.plain_modulus - 1) // 2
@@ -192,18 +210,20 @@ def decrypt_model(
             raw = np.array(vec.decrypt(), dtype=np.int64)
             chunks.append(np.where(raw > half, raw - ctx.plain_modulus, raw))
         canaries, header, values = codec.unpack(chunks)
-        bad = np.flatnonzero(canaries != k)
+        bad = np.flatnonzero(canaries != expected_canaries(len(chunks)))
         weight, clipped = int(header[0]), int(header[1])
     else:
         chunks = [np.array(vec.decrypt(), dtype=np.float64) for vec in vectors]
         canaries, header, values = codec.unpack(chunks)
-        bad = np.flatnonzero(np.abs(canaries - k) > _CKKS_INTEGER_TOLERANCE)
+        bad = np.flatnonzero(
+            np.abs(canaries - expected_canaries(len(chunks))) > _CKKS_INTEGER_TOLERANCE
+        )
         weight, clipped = _ckks_integer(header[0]), _ckks_integer(header[1])
     if bad.size:
         raise InvalidCiphertext(
             f"canary check failed in {bad.size} of {len(canaries)} chunks (first: chunk "
-            f"{int(bad[0])}): the data does not decrypt to {k} contributions under this key "
-            "(tampered, made under another key, or corrupted)"
+            f"{int(bad[0])}): the data does not decrypt to {k} contributions, chunks in order, "
+            "under this key (tampered, reordered, made under another key, or corrupted)"
         )
     if weight is None or not k <= weight <= k * limits.max_weight:
         raise InvalidCiphertext(
@@ -269,8 +289,40 @@ def _deserialize(ctx: HEContext, envelope: Envelope) -> list[Any]:
             ) from None
         if vec.size() != length:
             raise InvalidCiphertext(f"chunk {index} holds {vec.size()} slots, expected {length}")
+        _check_fresh(ctx, vec, index)
         vectors.append(vec)
     return vectors
+
+
+def _check_fresh(ctx: HEContext, vec: Any, index: int) -> None:
+    """Refuse a chunk that parses but could not be added to a fresh encryption.
+
+    Uploads and sums of uploads are one ciphertext of two polynomials at the key's data
+    level (and, for CKKS, at the key's global scale); anything else (another scale,
+    another level, a product not relinearised) would make the sum fail for everyone.
+    """
+    ciphertexts = vec.data.ciphertext()
+    if len(ciphertexts) != 1:
+        raise InvalidCiphertext(f"chunk {index} holds {len(ciphertexts)} ciphertexts, expected 1")
+    ct = ciphertexts[0]
+    if ct.size() != 2:
+        raise InvalidCiphertext(
+            f"chunk {index} has {ct.size()} polynomials, expected 2 (not a fresh encryption)"
+        )
+    if list(ct.parms_id()) != ctx.parms_id:
+        raise InvalidCiphertext(
+            f"chunk {index} is at another modulus level ({ct.coeff_modulus_size()} primes) "
+            "than a fresh encryption under this key"
+        )
+    if ct.is_ntt_form() != (ctx.scheme == "ckks"):
+        raise InvalidCiphertext(f"chunk {index} is not in the form of a {ctx.scheme} encryption")
+    if ctx.scheme == "ckks" and float(ct.scale) != 2.0 ** (ctx.scale_bits or 0):
+        scale = float(ct.scale)
+        shown = f"2^{math.log2(scale):.4g}" if scale > 0 else f"{scale!r}"
+        raise InvalidCiphertext(
+            f"chunk {index} has CKKS scale {shown}, expected 2^{ctx.scale_bits} "
+            "(the key's global scale)"
+        )
 
 
 def _layout_difference(got: codec.Layout, want: codec.Layout) -> str:

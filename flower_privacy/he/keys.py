@@ -42,6 +42,8 @@ class HEContext:
             raise HEConfigError(f"scheme must be BFV or CKKS, got {scheme!r}")
         self.scheme = scheme
         self.poly_modulus_degree = int(data.parms().poly_modulus_degree())
+        # Fresh ciphertexts live at this level (checked when loading them).
+        self.parms_id = list(seal.first_parms_id())
         # The product of the data primes (ciphertexts live at this level). TenSEAL returns
         # only its lowest 64-bit word; beyond 64 bits use the bit count's lower bound.
         bits = int(data.total_coeff_modulus_bit_count())
@@ -109,11 +111,28 @@ class HEContext:
             raise HEConfigError(f"{path}: {err}") from None
 
     def require_public_only(self) -> HEContext:
-        """Return self; raise :class:`KeyRoleError` if it holds the secret key."""
+        """Return self; raise :class:`KeyRoleError` if it holds more than the public key.
+
+        The secret key is refused, and so are relinearisation and Galois keys: add-only
+        FedAvg never needs them, and ``server.ctx`` from :func:`generate_keys` has none.
+        """
         if self.is_private:
             raise KeyRoleError(
                 "this context holds the secret key: the server must get server.ctx "
                 "(public key only), never client.ctx"
+            )
+        extra = [
+            name
+            for name, present in (
+                ("relinearisation", self.context.has_relin_keys()),
+                ("Galois", self.context.has_galois_keys()),
+            )
+            if present
+        ]
+        if extra:
+            raise KeyRoleError(
+                f"this context holds {' and '.join(extra)} keys: the server must get server.ctx "
+                "as `flower-privacy keys generate` writes it (public key only)"
             )
         return self
 
@@ -175,12 +194,12 @@ def generate_keys(
     public = context.serialize(
         save_public_key=True, save_secret_key=False, save_galois_keys=False, save_relin_keys=False
     )
-    _write_private(client_path, secret)
-    _write_private(server_path, public, mode=0o644)
+    write_private_file(client_path, secret)
+    write_private_file(server_path, public, mode=0o644)
     return client_path, server_path
 
 
-def _write_private(path: Path, data: bytes, mode: int = 0o600) -> None:
+def write_private_file(path: Path, data: bytes, mode: int = 0o600) -> None:
     """Write atomically; the file has ``mode`` from its first byte (no umask race)."""
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, mode)

@@ -5,12 +5,22 @@ evaluate message that carries an encrypted global model, the mod decrypts it wit
 node's secret context (checking key fingerprint, every canary and every bound), hands
 the app the plaintext model exactly as plain FedAvg would, and for training replaces
 the app's reply by its weights times its capped example count, quantised and encrypted.
-The reply carries nothing else: no example count, no metrics. Every other message
-passes through untouched.
+The reply carries nothing else: no example count, no metrics.
+
+A node that is configured for encryption (a ``client.ctx`` path given to
+:class:`EncryptionMod`, node config or run config ``he-context`` set, or
+``require_encryption``) refuses every train and evaluate message that is not an
+encrypted global model: it never trains on, evaluates or replies with a plaintext model
+in that case. Other messages (and, on nodes not configured for encryption, every
+message) pass through untouched.
 
 The secret context is found through node config ``he-context`` (a path to
 ``client.ctx``), else run config ``he-context``, or a locator given to
 :class:`EncryptionMod`.
+
+Refusals sent to the server are generic ("the global model failed verification",
+"cannot encrypt the update"): which check failed, and any value, is logged on the
+node only, so that a server cannot use refusals as a many-bit oracle.
 """
 
 from __future__ import annotations
@@ -18,7 +28,7 @@ from __future__ import annotations
 import atexit
 import os
 from collections.abc import Callable
-from logging import WARNING
+from logging import ERROR, WARNING
 from pathlib import Path
 
 import numpy as np
@@ -30,6 +40,16 @@ from flower_privacy import _he_wire as wire
 from flower_privacy import he
 
 ContextLocator = Callable[[Context], "str | os.PathLike[str] | None"]
+EncryptionRule = Callable[[Context], bool]
+
+# What the server learns when a node refuses (details stay in the node's log).
+NO_CONTEXT = "this node has no usable secret context (details in the node's log)"
+FAILED_VERIFICATION = "the global model failed verification (details in the node's log)"
+CANNOT_ENCRYPT = "cannot encrypt the update (details in the node's log)"
+NOT_ENCRYPTED = (
+    "this node requires encryption (it holds a secret context) but the message does not "
+    "carry an encrypted global model: refusing to use or return a plaintext model"
+)
 
 
 class EncryptionMod:
@@ -40,6 +60,11 @@ class EncryptionMod:
     context_path : str | os.PathLike | callable | None
         Path of ``client.ctx``, or ``locate(context) -> path``. By default node config
         ``he-context``, then run config ``he-context``.
+    require_encryption : bool | callable | None
+        Whether train and evaluate messages without an encrypted global model are
+        refused. Encryption is always required when ``context_path`` is a path or node
+        or run config ``he-context`` is set; this adds further cases: ``True``, or
+        ``rule(context) -> bool`` (e.g. for a locator with a fallback). Default: no more.
     workers : int | None
         Encryption processes (default: the CPUs available, at most 4).
     parallel_from_values : int
@@ -51,6 +76,7 @@ class EncryptionMod:
         self,
         context_path: str | os.PathLike[str] | ContextLocator | None = None,
         *,
+        require_encryption: bool | EncryptionRule | None = None,
         workers: int | None = None,
         parallel_from_values: int = 262_144,
     ) -> None:
@@ -59,6 +85,7 @@ class EncryptionMod:
         if parallel_from_values < 1:
             raise ValueError(f"parallel_from_values must be >= 1, got {parallel_from_values}")
         self.context_path = context_path
+        self.require_encryption = require_encryption
         self.workers = workers
         self.parallel_from_values = parallel_from_values
         self._contexts: dict[tuple[str, int, int], he.HEContext] = {}
@@ -68,21 +95,27 @@ class EncryptionMod:
         self, msg: Message, context: Context, call_next: Callable[[Message, Context], Message]
     ) -> Message:
         message_type = msg.metadata.message_type
-        if (
-            message_type not in ("train", "evaluate")
-            or not msg.has_content()
-            or wire.stage_of(msg.content) != wire.GLOBAL
-        ):
+        if message_type not in ("train", "evaluate"):
+            return call_next(msg, context)
+        if not msg.has_content() or wire.stage_of(msg.content) != wire.GLOBAL:
+            if self._requires_encryption(context):
+                log(ERROR, "encryption_mod: refused a %s message: %s", message_type, NOT_ENCRYPTED)
+                return _refusal(msg, NOT_ENCRYPTED)
             return call_next(msg, context)
         try:
-            arrays_key, weight_key, limits = wire.parse_request(msg.content[wire.RECORD])
             ctx = self._context(context)
+        except (he.HEConfigError, he.KeyRoleError) as err:
+            log(ERROR, "encryption_mod: no usable secret context: %s", err)
+            return _refusal(msg, NO_CONTEXT)
+        try:
+            arrays_key, weight_key, limits = wire.parse_request(msg.content[wire.RECORD])
             blob = wire.ciphertext_of(msg.content.array_records[arrays_key])
             if blob is None:
                 raise he.InvalidCiphertext("the server sent a model that is not encrypted")
             model = he.decrypt_model(ctx, blob, limits=limits)
         except (he.InvalidCiphertext, he.HEConfigError, he.KeyRoleError, KeyError) as err:
-            return _refusal(msg, f"cannot use the global model: {err}")
+            log(ERROR, "encryption_mod: refused the global model (%s): %s", message_type, err)
+            return _refusal(msg, FAILED_VERIFICATION)
         if model.clipped:
             log(WARNING, "the last aggregate clipped %d values (all clients)", model.clipped)
         layout = he.Envelope.from_bytes(blob).layout
@@ -98,7 +131,8 @@ class EncryptionMod:
         try:
             blob = self._encrypt_reply(ctx, reply, layout, weight_key, limits)
         except (he.HEConfigError, ValueError) as err:
-            return _refusal(msg, f"cannot encrypt the update: {err}")
+            log(ERROR, "encryption_mod: cannot encrypt the update: %s", err)
+            return _refusal(msg, CANNOT_ENCRYPT)
         return Message(wire.update_content(arrays_key, blob), reply_to=msg)
 
     def _encrypt_reply(
@@ -132,6 +166,17 @@ class EncryptionMod:
                 limits.clip_range,
             )
         return update.envelope.to_bytes()
+
+    def _requires_encryption(self, context: Context) -> bool:
+        """Whether this node must refuse plaintext train and evaluate messages."""
+        if self.context_path is not None and not callable(self.context_path):
+            return True
+        if context.node_config.get(wire.NODE_CONTEXT) or context.run_config.get(
+            wire.NODE_CONTEXT
+        ):
+            return True
+        rule = self.require_encryption
+        return bool(rule(context)) if callable(rule) else bool(rule)
 
     def _context(self, context: Context) -> he.HEContext:
         if callable(self.context_path):

@@ -104,6 +104,10 @@ class ClientLevelDP(StrictRounds):
         The distributed placement's integer noise: ``"skellam"`` (Agarwal et al. 2021;
         shares add up to exactly a Skellam) or ``"ddg"`` (distributed discrete
         Gaussian, Kairouz et al. 2021).
+    expected_clients : float | None
+        The denominator m: clients expected per round, a public constant. Default:
+        q times the nodes connected at the start (every node, without sampling), which
+        treats the federation size as public, as Opacus treats the dataset size.
     seed : int | None
         For reproducible tests only: seeds the noise and the sampling, which then
         carry no privacy. Default: a generator seeded from the OS CSPRNG.
@@ -125,6 +129,7 @@ class ClientLevelDP(StrictRounds):
         sampling_rate: float | None = None,
         accountant: str = "pld",
         mechanism: str = "skellam",
+        expected_clients: float | None = None,
         seed: int | None = None,
         min_train_replies: int | None = None,
         max_failed_rounds: int = 0,
@@ -173,6 +178,16 @@ class ClientLevelDP(StrictRounds):
         self.count_noise_std, self.placement = count_noise_std, placement
         self.sampling_rate, self.accountant, self.seed = sampling_rate, accountant, seed
         self.mechanism = mechanism
+        if expected_clients is not None and not expected_clients > 0:
+            raise ValueError(f"expected_clients must be > 0, got {expected_clients}")
+        self.fixed_expected_clients = expected_clients
+        if seed is not None:
+            log(
+                WARNING,
+                "ClientLevelDP: seed=%s: noise and sampling are reproducible and carry NO "
+                "privacy (tests only)",
+                seed,
+            )
         self.planned_rounds = 0
         self.distributed_plan: DistributedPlan | None = None
         # Per run (prepare_run).
@@ -222,7 +237,10 @@ class ClientLevelDP(StrictRounds):
             self.noise_multiplier = self.fixed_noise_multiplier
         if self.sampling_rate is not None:
             self._wait_for_nodes(grid)
-            self._fix_expected_clients(self.sampling_rate * len(list(grid.get_node_ids())))
+            population = len(list(grid.get_node_ids()))
+            self._fix_expected_clients(
+                self.fixed_expected_clients or self.sampling_rate * population
+            )
 
     def stop_reason(self, server_round: int) -> str | None:
         """Stop cleanly once one more round would take ε past ``target_epsilon``."""
@@ -308,6 +326,12 @@ class ClientLevelDP(StrictRounds):
                 f"the expected number of clients per round must be > 0, got {expected}"
             )
         self.expected_clients = float(expected)
+        log(
+            INFO,
+            "ClientLevelDP: denominator m=%g expected clients per round, fixed for the run%s",
+            expected,
+            "" if self.fixed_expected_clients else " (the federation size is treated as public)",
+        )
         if self.adaptive is not None:
             sigma_b = self.count_noise_std or self.expected_clients / 20
             self.count_noise_std_in_use = sigma_b
@@ -335,7 +359,7 @@ class ClientLevelDP(StrictRounds):
             else "by the inner strategy (no amplification claimed)",
             self.accountant,
         )
-        if float(getattr(_innermost(self.strategy), "fraction_evaluate", 0.0)) > 0:
+        if float(getattr(self.innermost, "fraction_evaluate", 0.0)) > 0:
             log(
                 WARNING,
                 "ClientLevelDP: federated evaluation metrics come from clients' data without "
@@ -350,31 +374,30 @@ class ClientLevelDP(StrictRounds):
         config = ConfigRecord(dict(config))
         if self.placement == "client":
             config[wire.CLIP_NORM] = self.clip_norm
-        if self.secure is not None and self.sampling_rate is not None:
-            self.secure.node_sampler = self._poisson
-        if self.secure is not None and self.placement == "client":
-            self.secure.mean_transform = self._noisy_mean
         if self.placement == "distributed" and self.distributed_plan is None:
             self._plan_distributed(arrays)
         self._clip_used = self.clip_norm
         messages = list(super().configure_train(server_round, arrays, config, grid))
         self._global = arrays
-        if self.secure is None and self.sampling_rate is not None:
+        if self.secure is None:
             connected = sorted(grid.get_node_ids())
             addressed = sorted(m.metadata.dst_node_id for m in messages)
             if addressed != connected:
                 raise ValueError(
-                    f"ClientLevelDP samples nodes itself (sampling_rate={self.sampling_rate}), "
-                    f"but the inner strategy addressed {len(addressed)} of {len(connected)} "
-                    "connected nodes: set fraction_train=1.0 on it"
+                    f"the inner strategy addressed {len(addressed)} of {len(connected)} "
+                    "connected nodes; ClientLevelDP needs every node (fraction_train=1.0): "
+                    "it samples itself with sampling_rate (Poisson), and a fixed-size sample "
+                    "would let one client push another out, doubling the sensitivity"
                 )
+        if self.secure is None and self.sampling_rate is not None:
             keep = set(self._poisson(addressed))
             messages = [m for m in messages if m.metadata.dst_node_id in keep]
             self._sent_to[server_round] = sorted(keep)
             log(INFO, "ClientLevelDP: Poisson sample of %d of %d nodes", len(keep), len(addressed))
         if self.expected_clients is None:
-            # Fixed-size selection: its size in round 1, kept for the whole run.
-            self._fix_expected_clients(len(messages))
+            # Every node every round (or the distributed placement's cohort): its size
+            # in round 1, a public figure, kept for the whole run.
+            self._fix_expected_clients(self.fixed_expected_clients or len(messages))
         return messages
 
     def aggregate_train(
@@ -382,15 +405,27 @@ class ClientLevelDP(StrictRounds):
     ) -> tuple[ArrayRecord | None, MetricRecord | None]:
         """Clip (central), sum, add noise, divide by the expected count; then account."""
         if self.secure is not None:
-            arrays, inner_metrics = self.secure.aggregate_train(server_round, replies)
-            if arrays is None:
-                raise RoundFailedError(server_round, "secure aggregation returned no model")
+            try:
+                arrays, inner_metrics = self.secure.aggregate_train(server_round, replies)
+            except RoundFailedError:
+                if self.secure.unmasked_round == server_round:
+                    # The server saw this round's noisy sum: it is a release all the same.
+                    self.released += 1
+                    log(WARNING, "round %d failed after unmasking: charged", server_round)
+                raise
+            # Participation is public in the distributed placement (zero-out relation);
+            # the clipped-value count is not released.
             metrics = MetricRecord(
-                {k: v for k, v in (inner_metrics or {}).items() if k.startswith("secagg-")}
+                {
+                    k: v
+                    for k, v in (inner_metrics or {}).items()
+                    if k in ("secagg-clients", "secagg-dropped", "secagg-excluded")
+                }
             )
         else:
             arrays = self._aggregate_in_the_clear(server_round, replies)
             metrics = MetricRecord()
+        self._check_finite(server_round, arrays)
         self.released += 1
         metrics.update(
             {
@@ -419,7 +454,7 @@ class ClientLevelDP(StrictRounds):
         Whether a round ran would otherwise depend on who was sampled (membership): a
         round with no sampled or no usable reply releases noise alone, as accounted.
         """
-        return self.sampling_rate is not None and self.secure is None
+        return self.sampling_rate is not None
 
     # -- internals ----------------------------------------------------------------------
 
@@ -473,7 +508,6 @@ class ClientLevelDP(StrictRounds):
             unclipped += not was_clipped
             total += clipped
         mean_delta = self._noisy_mean(total / self.expected_clients)
-        self._update_clip(unclipped, len(usable))
         weight_key = str(getattr(self.strategy, "weighted_by_key", "num-examples"))
         synthetic = Message(RecordDict(), dst_node_id=0, message_type="train")
         synthetic.content = RecordDict(
@@ -491,6 +525,7 @@ class ClientLevelDP(StrictRounds):
             raise RoundFailedError(
                 server_round, f"{type(self.strategy).__name__} returned no model"
             )
+        self._update_clip(unclipped, len(usable))
         return arrays
 
     def _noisy_mean(self, mean_delta: np.ndarray) -> np.ndarray:
@@ -521,12 +556,6 @@ def _apply(global_arrays: ArrayRecord, mean_delta: np.ndarray) -> ArrayRecord:
     return ArrayRecord(out)
 
 
-def _innermost(strategy: Strategy) -> Strategy:
-    while isinstance(strategy, StrictRounds):
-        strategy = strategy.strategy
-    return strategy
-
-
 def _check_inner(
     strategy: Strategy,
     secure: SecureAggregation | None,
@@ -547,10 +576,13 @@ def _check_inner(
                 "bounds a mean of clipped updates"
             )
         return
-    if placement == "central":
+    if placement != "distributed":
         raise TypeError(
-            "placement='central' clips on the server, which cannot see updates under secure "
-            "aggregation: use placement='client' (clients clip) or 'distributed'"
+            f"SecureAggregation inside ClientLevelDP needs placement='distributed', got "
+            f"{placement!r}: the server cannot clip masked updates, and secure aggregation's "
+            "fixed-point rounding adds up to sqrt(d)/scale to each update's norm beyond the "
+            "clip norm server noise would be calibrated for; the distributed encoding bounds "
+            "the rounded norm exactly"
         )
     if secure.weighting != "uniform":
         raise ValueError(
@@ -559,19 +591,14 @@ def _check_inner(
         )
     if adaptive:
         raise ValueError(
-            "adaptive clipping under secure aggregation needs a noisy count of unclipped "
-            "clients summed inside the protocol, which is not supported yet: use fixed "
+            "adaptive clipping with distributed noise needs a noisy count of unclipped "
+            "clients summed inside secure aggregation, which is not supported yet: use fixed "
             "clipping (adaptive_clipping=False)"
         )
-    if placement == "distributed" and sampling_rate is not None:
+    if sampling_rate is not None:
         raise ValueError(
             "placement='distributed' protects against the server, which picks the cohort "
             "and sees who answers: amplification by sampling does not hold against it, so "
             "the accounting takes q=1. Leave sampling_rate=None (the inner strategy's "
             "cohort trains)"
-        )
-    if secure.group_size is not None and sampling_rate is not None:
-        raise ValueError(
-            "with SecureAggregation groups the group selection decides who trains: leave "
-            "sampling_rate=None (accounted without amplification, see the card)"
         )

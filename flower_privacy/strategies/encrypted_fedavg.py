@@ -11,6 +11,7 @@ is :mod:`flower_privacy.he`; this module only moves records.
 
 from __future__ import annotations
 
+import hashlib
 import os
 from collections.abc import Callable, Iterable
 from logging import ERROR, INFO, WARNING
@@ -23,7 +24,7 @@ from flwr.serverapp.strategy import FedAvg, FedProx, Strategy
 
 from flower_privacy import _he_wire as wire
 from flower_privacy import he
-from flower_privacy.errors import RoundFailedError
+from flower_privacy.errors import RoundFailedError, RunHaltedError
 from flower_privacy.strategies.result import PrivacyResult
 from flower_privacy.strategies.strict_rounds import StrictRounds
 
@@ -50,8 +51,10 @@ class EncryptedFedAvg(StrictRounds):
         clipped to, and (BFV) the quantisation step ``2**-precision_bits``. Checked
         against the context's capacity here, before round 1.
     save_path : str | os.PathLike | None
-        Where the encrypted global model is written after every round (atomically):
-        ``flower-privacy he decrypt`` recovers it with ``client.ctx``.
+        Where the encrypted final model is written (atomically) when the run ends,
+        completed or halted: the last aggregate, unless a client refused it (then the
+        file is not written). ``flower-privacy he decrypt`` recovers it with
+        ``client.ctx``.
     trust_inner_is_fedavg : bool
         Accept an inner strategy that is not FedAvg or FedProx.
     """
@@ -90,6 +93,11 @@ class EncryptedFedAvg(StrictRounds):
         self.arrays_key = str(getattr(strategy, "arrayrecord_key", "arrays"))
         self.weight_key = str(getattr(strategy, "weighted_by_key", "num-examples"))
         self.layout: he.Layout | None = None
+        # Digests of the aggregates made, of the model sent per (stage, round) and of
+        # the models a client refused: save_path gets only an aggregate nobody refused.
+        self._aggregates: set[bytes] = set()
+        self._sent_model: dict[tuple[str, int], bytes] = {}
+        self._refused: set[bytes] = set()
 
     # -- Strategy ---------------------------------------------------------------------
 
@@ -140,9 +148,16 @@ class EncryptedFedAvg(StrictRounds):
                 self.limits.clip_range,
             )
         encrypted = wire.ciphertext_record(initial.envelope.to_bytes())
-        return super().start(
-            grid, encrypted, num_rounds, timeout, train_config, evaluate_config, None
-        )
+        self._aggregates, self._sent_model, self._refused = set(), {}, set()
+        try:
+            result = super().start(
+                grid, encrypted, num_rounds, timeout, train_config, evaluate_config, None
+            )
+        except RunHaltedError as err:
+            self._save(err.result.arrays)
+            raise
+        self._save(result.arrays)
+        return result
 
     def configure_train(
         self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
@@ -155,7 +170,7 @@ class EncryptedFedAvg(StrictRounds):
                 f"{len(messages)} nodes selected but max_clients={self.limits.max_clients}: "
                 "their sum could wrap; raise max_clients (and make keys for it)",
             )
-        return self._mark(server_round, messages, arrays)
+        return self._mark(server_round, messages, arrays, "train")
 
     def aggregate_train(
         self, server_round: int, replies: Iterable[Message]
@@ -191,8 +206,7 @@ class EncryptedFedAvg(StrictRounds):
         except he.InvalidCiphertext as err:
             raise RoundFailedError(server_round, f"aggregation failed: {err}") from None
         blob = aggregate.to_bytes()
-        if self.save_path is not None:
-            _write_atomic(self.save_path, blob)
+        self._aggregates.add(_digest(blob))
         log(INFO, "round %d: added %d encrypted updates", server_round, len(usable))
         metrics = MetricRecord({"he-clients": len(usable), "he-rejected": len(problems)})
         return wire.ciphertext_record(blob), metrics
@@ -202,7 +216,7 @@ class EncryptedFedAvg(StrictRounds):
     ) -> Iterable[Message]:
         """The inner strategy's evaluate messages, carrying the encrypted model."""
         messages = list(super().configure_evaluate(server_round, arrays, config, grid))
-        return self._mark(server_round, messages, arrays)
+        return self._mark(server_round, messages, arrays, "evaluate")
 
     def aggregate_evaluate(
         self, server_round: int, replies: Iterable[Message]
@@ -211,6 +225,7 @@ class EncryptedFedAvg(StrictRounds):
         replies = list(replies)
         for reply in replies:
             if reply.has_error() and f"{wire.MOD_NAME} refused" in reply.error.reason:
+                self._mark_refused("evaluate", server_round)
                 raise RoundFailedError(
                     server_round, f"node {reply.metadata.src_node_id}: {reply.error.reason}"
                 )
@@ -219,12 +234,14 @@ class EncryptedFedAvg(StrictRounds):
     # -- internals --------------------------------------------------------------------
 
     def _mark(
-        self, server_round: int, messages: list[Message], arrays: ArrayRecord
+        self, server_round: int, messages: list[Message], arrays: ArrayRecord, stage: str
     ) -> list[Message]:
-        if wire.ciphertext_of(arrays) is None:
+        blob = wire.ciphertext_of(arrays)
+        if blob is None:
             raise RoundFailedError(
                 server_round, "the global model is not encrypted: refusing to send it"
             )
+        self._sent_model[(stage, server_round)] = _digest(blob)
         record = wire.request_record(self.arrays_key, self.weight_key, self.limits)
         for message in messages:
             message.content[wire.RECORD] = record
@@ -236,24 +253,59 @@ class EncryptedFedAvg(StrictRounds):
         if reply.has_error():
             reason = reply.error.reason
             if f"{wire.MOD_NAME} refused" in reason:
-                # An honest client refuses only a global model that failed its checks.
+                # An honest client refuses only a global model that failed its checks
+                # (or a plaintext one, or it has no usable key).
+                self._mark_refused("train", server_round)
                 raise RoundFailedError(server_round, f"node {node}: {reason}")
             raise _UnusableReply(f"error reply ({reason})")
-        records = reply.content.array_records
+        content = reply.content
+        records = content.array_records
         blob = None
         if self.arrays_key in records:
             blob = wire.ciphertext_of(records[self.arrays_key])
+        # An upload is exactly two records: the stage marker and the ciphertext.
         plaintext = [k for k, r in records.items() if wire.ciphertext_of(r) is None]
-        if plaintext or wire.stage_of(reply.content) != wire.UPDATE or blob is None:
-            if plaintext:
-                raise RoundFailedError(
-                    server_round,
-                    f"node {node} sent a plaintext model (records {plaintext}), not an encrypted "
-                    f"update: is {wire.MOD_NAME} in its ClientApp, as "
-                    "ClientApp(mods=[encryption_mod, ...])? Refusing to aggregate it",
-                )
+        plaintext += [f"{k} (MetricRecord)" for k in content.metric_records]
+        plaintext += [
+            f"{k} (ConfigRecord)"
+            for k, r in content.config_records.items()
+            if k != wire.RECORD or dict(r) != {wire.STAGE: wire.UPDATE}
+        ]
+        plaintext += [k for k in records if k != self.arrays_key and k not in plaintext]
+        if plaintext:
+            raise RoundFailedError(
+                server_round,
+                f"node {node} sent plaintext records {plaintext}, not only an encrypted "
+                f"update: is {wire.MOD_NAME} in its ClientApp, first, as "
+                "ClientApp(mods=[encryption_mod, ...])? Refusing to aggregate it",
+            )
+        if wire.stage_of(content) != wire.UPDATE or blob is None:
             raise _UnusableReply("a reply without an encrypted update")
         return he.load_update(self.context, blob, self.layout, self.limits)
+
+    def _mark_refused(self, stage: str, server_round: int) -> None:
+        digest = self._sent_model.get((stage, server_round))
+        if digest is not None:
+            self._refused.add(digest)
+
+    def _save(self, arrays: ArrayRecord) -> None:
+        """Write the final encrypted model to ``save_path`` unless a client refused it."""
+        if self.save_path is None:
+            return
+        blob = wire.ciphertext_of(arrays)
+        digest = None if blob is None else _digest(blob)
+        if blob is None or digest not in self._aggregates:
+            log(WARNING, "no aggregate to save: %s not written", self.save_path)
+            return
+        if digest in self._refused:
+            log(
+                ERROR,
+                "the last aggregate was refused by a client: %s not written",
+                self.save_path,
+            )
+            return
+        _write_atomic(self.save_path, blob)
+        log(INFO, "wrote the encrypted final model to %s", self.save_path)
 
 
 class _UnusableReply(Exception):  # noqa: N818 - internal
@@ -276,6 +328,10 @@ def encrypted_model_bytes(arrays: ArrayRecord) -> bytes:
     if blob is None:
         raise ValueError(f"not an encrypted model: the record holds {list(arrays.keys())}")
     return blob
+
+
+def _digest(blob: bytes) -> bytes:
+    return hashlib.sha256(blob).digest()
 
 
 def _write_atomic(path: Path, data: bytes) -> None:

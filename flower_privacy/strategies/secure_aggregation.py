@@ -9,7 +9,7 @@ itself lives in :mod:`flower_privacy.secagg.protocol`; this module only moves re
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Callable, Iterable
+from collections.abc import Iterable
 from logging import INFO, WARNING
 
 import numpy as np
@@ -170,11 +170,10 @@ class SecureAggregation(StrictRounds):
         self._stage_notes: list[str] = []
         self._global: ArrayRecord | None = None
         self._cohort: list[int] = []
-        # Seams for ClientLevelDP: who is sampled, and noise on the unmasked mean.
-        self.node_sampler: Callable[[list[int]], list[int]] | None = None
-        self.mean_transform: Callable[[np.ndarray], np.ndarray] | None = None
-        # ... and how clients encode their update (None: the fixed-point quantiser).
+        # Seam for ClientLevelDP: how clients encode their update (None: the
+        # fixed-point quantiser), and the last round whose sum the server unmasked.
         self.encoding: DistributedNoiseEncoding | None = None
+        self.unmasked_round: int | None = None
 
     # -- seams for multi-round privacy (node selection, which survivors to unmask) --------
 
@@ -216,8 +215,6 @@ class SecureAggregation(StrictRounds):
         inner strategy sampled); without, the nodes the inner strategy sampled.
         """
         if self.plan is None:
-            if self.node_sampler is not None:
-                return self.node_sampler(population)
             return sorted(n for n in sampled if n in population)
         self.plan.update(population)
         return self.plan.select(population, len(sampled))
@@ -348,13 +345,12 @@ class SecureAggregation(StrictRounds):
             result = self.protocol.unmask(unmask_replies, length)
         except protocol.ProtocolError as err:
             raise RoundFailedError(server_round, f"unmasking failed: {err}") from None
+        self.unmasked_round = server_round
         if result.weight < 1:
             raise RoundFailedError(server_round, "the survivors' total weight is zero")
         denominator = self.uniform_denominator or result.weight
         decoder = self.encoding if self.encoding is not None else self.quantizer
         mean_delta = decoder.decode_sum(result.total, denominator)
-        if self.mean_transform is not None:
-            mean_delta = self.mean_transform(mean_delta)
         synthetic = survivors_replies[0]
         synthetic.content = RecordDict(
             {

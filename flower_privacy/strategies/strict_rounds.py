@@ -111,10 +111,15 @@ class StrictRounds(Strategy):
                 server_round,
                 f"{type(self.strategy).__name__} aggregated no model from {len(usable)} replies",
             )
+        self._check_finite(server_round, arrays)
+        return arrays, metrics
+
+    @staticmethod
+    def _check_finite(server_round: int, arrays: ArrayRecord) -> None:
+        """Fail the round if an aggregated array holds NaN or inf."""
         bad = _first_non_finite(arrays)
         if bad is not None:
             raise RoundFailedError(server_round, f"aggregated array '{bad}' has NaN or inf values")
-        return arrays, metrics
 
     def _usable_replies(
         self, server_round: int, replies: Iterable[Message], minimum: int | None = None
@@ -231,39 +236,25 @@ class StrictRounds(Strategy):
                     grid, server_round, arrays, train_config, timeout
                 )
             except (RoundFailedError, NotEnoughNodesError) as err:
-                reason = err.reason if isinstance(err, RoundFailedError) else str(err)
-                result.failed_rounds[server_round] = reason
-                log(ERROR, "[ROUND %s] FAILED: %s (global model not updated)", server_round, reason)
                 consecutive_failures += 1
-                if (
-                    isinstance(err, NotEnoughNodesError)
-                    or consecutive_failures > self.max_failed_rounds
-                ):
-                    result.halt_reason = (
-                        f"round {server_round} failed ({reason}) after "
-                        f"{consecutive_failures} consecutive failed round(s); "
-                        f"max_failed_rounds={self.max_failed_rounds}"
-                    )
-                    log(ERROR, "Run halted: %s", result.halt_reason)
-                    raise RunHaltedError(result.halt_reason, result) from err
+                self._record_failure(result, server_round, err, consecutive_failures)
                 continue
-            consecutive_failures = 0
-            arrays = result.arrays = new_arrays
+            previous, arrays = arrays, new_arrays
+            result.arrays = arrays
             if train_metrics is not None:
                 log(INFO, "\t└──> Aggregated MetricRecord: %s", train_metrics)
                 result.train_metrics_clientapp[server_round] = train_metrics
-
-            evaluate_messages = list(
-                self.configure_evaluate(server_round, arrays, evaluate_config, grid)
-            )
-            if evaluate_messages:
-                replies = grid.send_and_receive(messages=evaluate_messages, timeout=timeout)
-                eval_metrics = self.aggregate_evaluate(server_round, replies)
-                if eval_metrics is None:
-                    log(WARNING, "round %d: federated evaluation returned no metrics", server_round)
-                else:
-                    log(INFO, "\t└──> Aggregated MetricRecord: %s", eval_metrics)
-                    result.evaluate_metrics_clientapp[server_round] = eval_metrics
+            try:
+                self._evaluate_round(grid, server_round, arrays, evaluate_config, timeout, result)
+            except RoundFailedError as err:
+                # The nodes refused the new model (e.g. it failed their checks): roll back.
+                arrays = result.arrays = previous
+                consecutive_failures += 1
+                self._record_failure(
+                    result, server_round, err, consecutive_failures, "evaluation refused"
+                )
+                continue
+            consecutive_failures = 0
             if evaluate_fn:
                 self._evaluate_centrally(evaluate_fn, server_round, arrays, result)
 
@@ -273,12 +264,62 @@ class StrictRounds(Strategy):
             log(INFO, "\t%s", line.rstrip("\n"))
         return result
 
+    def _record_failure(
+        self,
+        result: PrivacyResult,
+        server_round: int,
+        err: RoundFailedError | NotEnoughNodesError,
+        consecutive: int,
+        stage: str = "",
+    ) -> None:
+        """Record a failed round; raise RunHaltedError once the run cannot go on."""
+        reason = err.reason if isinstance(err, RoundFailedError) else str(err)
+        if stage:
+            reason = f"{stage}: {reason}"
+        result.failed_rounds[server_round] = reason
+        log(ERROR, "[ROUND %s] FAILED: %s (global model not updated)", server_round, reason)
+        if isinstance(err, NotEnoughNodesError) or consecutive > self.max_failed_rounds:
+            result.halt_reason = (
+                f"round {server_round} failed ({reason}) after {consecutive} consecutive "
+                f"failed round(s); max_failed_rounds={self.max_failed_rounds}"
+            )
+            log(ERROR, "Run halted: %s", result.halt_reason)
+            raise RunHaltedError(result.halt_reason, result) from err
+
+    def _evaluate_round(
+        self,
+        grid: Grid,
+        server_round: int,
+        arrays: ArrayRecord,
+        config: ConfigRecord,
+        timeout: float,
+        result: PrivacyResult,
+    ) -> None:
+        messages = list(self.configure_evaluate(server_round, arrays, config, grid))
+        if not messages:
+            return
+        replies = grid.send_and_receive(messages=messages, timeout=timeout)
+        metrics = self.aggregate_evaluate(server_round, replies)
+        if metrics is None:
+            log(WARNING, "round %d: federated evaluation returned no metrics", server_round)
+        else:
+            log(INFO, "\t└──> Aggregated MetricRecord: %s", metrics)
+            result.evaluate_metrics_clientapp[server_round] = metrics
+
     # -- seams for wrappers ----------------------------------------------------------
 
     def prepare_run(self, grid: Grid, num_rounds: int) -> None:
         """Called by :meth:`start` before round 1; wrappers set up per-run state here."""
         if isinstance(self.strategy, StrictRounds):
             self.strategy.prepare_run(grid, num_rounds)
+
+    @property
+    def innermost(self) -> Strategy:
+        """The Flower strategy at the bottom of a stack of wrappers (it selects nodes)."""
+        inner = self.strategy
+        while isinstance(inner, StrictRounds):
+            inner = inner.strategy
+        return inner
 
     @property
     def empty_rounds_aggregate(self) -> bool:
@@ -325,7 +366,7 @@ class StrictRounds(Strategy):
         return silent
 
     def _wait_for_nodes(self, grid: Grid) -> None:
-        needed = int(getattr(self.strategy, "min_available_nodes", 1))
+        needed = int(getattr(self.innermost, "min_available_nodes", 1))
         deadline = time.monotonic() + self.node_wait_timeout
         while (connected := len(list(grid.get_node_ids()))) < needed:
             if time.monotonic() >= deadline:

@@ -1,12 +1,19 @@
 """Encrypted FedAvg in the digits app: where keys live, the strategy, the client mod.
 
-With ``he-server-context`` empty (the default, for simulation), the ServerApp plays
-the key dealer: it generates a key pair into a private folder under the system's temp
-directory (``flower-privacy-<uid>/he-run-<run id>``, mode 0700, outside the app
-folder, so never packed into a FAB), keeps only ``server.ctx`` for itself, and
-clients of the same run find ``client.ctx`` there. In a deployment, generate keys
-with ``flower-privacy keys generate`` and give the server ``he-server-context`` and
-each SuperNode ``--node-config "he-context='.../client.ctx'"``.
+Deployment: generate keys with ``flower-privacy keys generate`` (a client-side party,
+never the server operator), give the server ``he-server-context`` and each SuperNode
+``--node-config "he-context='.../client.ctx'"``. Without ``he-server-context`` a
+deployment fails before round 1; a SuperNode without ``he-context`` refuses.
+
+Simulation only (the ServerApp runs on Flower's simulation grid, or the test grid, and
+run config ``he-simulation-keys = true``, the default): with ``he-server-context``
+empty the ServerApp plays the key dealer. It generates a key pair into a private folder
+under the system's temp directory (``flower-privacy-<uid>/he-run-<run id>``, mode 0700,
+outside the app folder, so never packed into a FAB), keeps only ``server.ctx`` for
+itself, and clients of the same run (run config ``he-simulation-keys = true``) find
+``client.ctx`` there. The folder is **not** removed at the end of the run: it holds the
+encrypted final model (``final-model.fphe``) and the ``client.ctx`` that decrypts it;
+delete it when done (the ServerApp logs its path).
 """
 
 from __future__ import annotations
@@ -14,7 +21,7 @@ from __future__ import annotations
 import os
 import stat
 import tempfile
-from logging import INFO
+from logging import INFO, WARNING
 from pathlib import Path
 
 from flwr.app import Context
@@ -26,6 +33,29 @@ from flower_privacy.mods import EncryptionMod
 from flower_privacy.strategies import EncryptedFedAvg
 
 FINAL_MODEL = "final-model.fphe"
+SIMULATION_KEYS = "he-simulation-keys"
+NO_SERVER_CONTEXT = (
+    "he-server-context required (a client-side party must make the keys: flower-privacy "
+    "keys generate --out keys/; then run config he-server-context='keys/server.ctx' and "
+    "each node --node-config \"he-context='keys/client.ctx'\"); the ServerApp generates "
+    "keys only in a simulation with run config he-simulation-keys = true"
+)
+
+
+def is_simulation(grid: object) -> bool:
+    """Whether ``grid`` is Flower's simulation grid or flower-privacy's in-process test grid."""
+    from flower_privacy import _flwr_compat as compat
+    from flower_privacy.testing import InProcessGrid
+
+    return isinstance(grid, InProcessGrid) or compat.is_simulation_grid(grid)
+
+
+def simulation_keys_allowed(run_config: dict) -> bool:
+    """Run config ``he-simulation-keys`` (a boolean; missing means false)."""
+    value = run_config.get(SIMULATION_KEYS, False)
+    if not isinstance(value, bool):
+        raise he.HEConfigError(f"{SIMULATION_KEYS} must be true or false, got {value!r}")
+    return value
 
 
 def simulation_key_dir(run_id: int) -> Path:
@@ -49,19 +79,30 @@ def _limits(cfg: dict) -> he.DeclaredLimits:
     )
 
 
-def build_strategy(inner: Strategy, cfg: dict, run_id: int) -> EncryptedFedAvg:
-    """``EncryptedFedAvg`` over ``inner``; in simulation it first generates the keys."""
+def build_strategy(
+    inner: Strategy, cfg: dict, run_id: int, *, simulation: bool = False
+) -> EncryptedFedAvg:
+    """``EncryptedFedAvg`` over ``inner``.
+
+    Without ``he-server-context`` it generates the keys, but only when ``simulation``
+    (the caller saw a simulation grid) and run config ``he-simulation-keys`` is true;
+    otherwise it raises :class:`~flower_privacy.he.HEConfigError`.
+    """
     limits = _limits(cfg)
     server_context = str(cfg.get("he-server-context", ""))
     if server_context:
         save_path = Path(server_context).with_name(FINAL_MODEL)
+    elif not (simulation and simulation_keys_allowed(cfg)):
+        raise he.HEConfigError(NO_SERVER_CONTEXT)
     else:
         key_dir = simulation_key_dir(run_id)
         params = he.derive_parameters(str(cfg.get("he-preset", he.DEFAULT_PRESET)), limits)
         client_ctx, server_ctx = he.generate_keys(key_dir, params, overwrite=True)
         log(
-            INFO,
-            "simulation: generated %s keys in %s (clients read %s)",
+            WARNING,
+            "simulation only: the ServerApp generated %s keys in %s (clients read %s); "
+            "the folder stays after the run (secret key and encrypted final model): "
+            "delete it when done",
             params.scheme,
             key_dir,
             client_ctx.name,
@@ -86,12 +127,26 @@ def build_strategy(inner: Strategy, cfg: dict, run_id: int) -> EncryptedFedAvg:
 
 
 def locate_client_context(context: Context) -> Path:
-    """Node config ``he-context``, else run config ``he-context``, else the simulation keys."""
+    """Node config ``he-context``, else run config ``he-context``, else (only with run
+    config ``he-simulation-keys = true``) the simulation keys."""
     path = context.node_config.get("he-context") or context.run_config.get("he-context")
     if path:
         return Path(str(path))
+    if not simulation_keys_allowed(context.run_config):
+        raise he.HEConfigError(
+            "no secret context: give this node --node-config \"he-context='<path to "
+            "client.ctx>'\" (made by flower-privacy keys generate); simulation keys are "
+            f"used only with run config {SIMULATION_KEYS} = true"
+        )
     return simulation_key_dir(context.run_id) / he.CLIENT_CONTEXT
 
 
-encryption_mod = EncryptionMod(locate_client_context)
-"""The digits app's encryption mod (passes every non-HE message through)."""
+def requires_encryption(context: Context) -> bool:
+    """A run with ``privacy = "he"`` never sends or accepts a plaintext model."""
+    return str(context.run_config.get("privacy", "none")) == "he"
+
+
+encryption_mod = EncryptionMod(locate_client_context, require_encryption=requires_encryption)
+"""The digits app's encryption mod: in a ``privacy = "he"`` run (or on a node with
+``he-context``) it refuses plaintext train and evaluate messages; otherwise it passes
+every non-HE message through."""

@@ -34,12 +34,20 @@ app = ServerApp()
 
 
 def build_strategy(
-    privacy: str, inner: Strategy, cfg: dict | None = None, run_id: int = 0
+    privacy: str,
+    inner: Strategy,
+    cfg: dict | None = None,
+    run_id: int = 0,
+    *,
+    simulation: bool = False,
 ) -> StrictRounds:
-    """Wrap ``inner`` in the privacy mechanism named by the run config."""
+    """Wrap ``inner`` in the privacy mechanism named by the run config.
+
+    ``simulation``: the ServerApp runs on a simulation grid (``he`` may then deal keys).
+    """
     cfg = cfg or {}
     if privacy == "he":
-        return he_keys.build_strategy(inner, cfg, run_id)
+        return he_keys.build_strategy(inner, cfg, run_id, simulation=simulation)
     if privacy == "none":
         return StrictRounds(inner)
     if privacy == "secagg":
@@ -178,6 +186,7 @@ def main(grid: Grid, context: Context) -> None:
         make_fedavg(int(cfg["clients-per-round"]), int(cfg["min-nodes"])),
         cfg,
         run_id=context.run_id,
+        simulation=he_keys.is_simulation(grid),
     )
 
     evaluate_fn = None
