@@ -58,15 +58,14 @@ def test_metrics_report_the_accounted_epsilon_every_round() -> None:
 
 
 def test_calibration_before_round_one_meets_the_target_with_the_pld_accountant() -> None:
-    strategy, _, result = _run(
-        "central", 4, 2, target_epsilon=2.0, delta=1e-5, sampling_rate=0.5, accountant="pld"
-    )
+    # Every node every round (q = 1): the PLD accountant's exact Gaussian profile.
+    strategy, _, result = _run("central", 4, 3, target_epsilon=2.0, delta=1e-5, accountant="pld")
     z = strategy.noise_multiplier
-    assert result.train_metrics_clientapp[2]["dp-epsilon"] <= 2.0
+    assert result.train_metrics_clientapp[3]["dp-epsilon"] <= 2.0
     assert (
-        epsilon(GaussianRounds(z, 0.5, 2), 1e-5)
+        epsilon(GaussianRounds(z, 1.0, 3), 1e-5)
         <= 2.0
-        < epsilon(GaussianRounds(0.99 * z, 0.5, 2), 1e-5)
+        < epsilon(GaussianRounds(0.99 * z, 1.0, 3), 1e-5)
     )
 
 

@@ -23,14 +23,18 @@ import stat
 import tempfile
 from logging import INFO, WARNING
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from flwr.app import Context
 from flwr.common import log
-from flwr.serverapp.strategy import Strategy
 
 from flower_privacy import he
 from flower_privacy.mods import EncryptionMod
-from flower_privacy.strategies import EncryptedFedAvg
+
+if TYPE_CHECKING:  # server side only: ClientApp processes never import the strategies
+    from flwr.serverapp.strategy import Strategy
+
+    from flower_privacy.strategies import EncryptedFedAvg
 
 FINAL_MODEL = "final-model.fphe"
 SIMULATION_KEYS = "he-simulation-keys"
@@ -108,6 +112,8 @@ def build_strategy(
             client_ctx.name,
         )
         server_context, save_path = str(server_ctx), key_dir / FINAL_MODEL
+    from flower_privacy.strategies import EncryptedFedAvg
+
     strategy = EncryptedFedAvg(
         inner,
         server_context=server_context,
