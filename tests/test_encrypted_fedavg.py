@@ -490,3 +490,18 @@ def test_digits_deals_keys_only_in_a_declared_simulation(monkeypatch, tmp_path) 
     message = Message(RecordDict({"arrays": initial_arrays()}), 1001, "train")
     (reply,) = grid.send_and_receive([message])
     assert reply.has_error() and "requires encryption" in reply.error.reason
+
+
+def test_bench_he_prints_one_json_object_with_every_figure() -> None:
+    import json
+
+    from conftest import run_cli
+
+    done = run_cli("bench", "he", "--quick", "--json")
+    assert done.returncode == 0, done.stderr
+    result = json.loads(done.stdout)  # stdout is the JSON object alone
+    for name in ("ours", "ckks", "nvflare_style"):
+        for key in ("expansion", "encrypt_s", "aggregate_s", "decrypt_s", "max_abs_error"):
+            assert result[name][key] > 0, (name, key)
+    assert result["pool_start_s"] > 0
+    assert result["ours"]["max_abs_error"] <= 1e-4

@@ -372,3 +372,17 @@ def test_consistency_check_without_signing_keys_fails_naming_the_node_config() -
     grid = InProcessGrid(_updates_app(1), num_nodes=4)
     with pytest.raises(RunHaltedError, match="secagg-signing-key"):
         _secagg(4, consistency_check=True).start(grid, _zeros(), num_rounds=1)
+
+
+def test_declaring_survivors_dropped_below_the_promised_floor_is_refused() -> None:
+    # A distributed DP noise share is calibrated for min_train_replies survivors: a
+    # server that later claims more nodes dropped must not get fewer shares unmasked.
+    grid = InProcessGrid(_updates_app(1), num_nodes=8)
+
+    def fewer(p: dict) -> dict:
+        survivors = list(p["survivors"])
+        return {**p, "survivors": survivors[:6], "dropped": [*p["dropped"], *survivors[6:]]}
+
+    _tamper_unmask(grid, fewer)
+    reason = _run_attacked(grid, 8, min_train_replies=7)
+    assert f"node {TARGET}" in reason and "6 survivors, but the round promised at least 7" in reason

@@ -21,11 +21,13 @@ homomorphic arithmetic on deserialized ciphertexts, as in the issue's figures),
 
 from __future__ import annotations
 
+import contextlib
 import os
 import statistics
+import sys
 import tempfile
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 
 import numpy as np
 
@@ -120,6 +122,19 @@ def _ours(
     return row, (pool.start_seconds if pool is not None else 0.0)
 
 
+@contextlib.contextmanager
+def _native_stdout_to_stderr() -> Iterator[None]:
+    """Send what native code writes to file descriptor 1 to stderr (the JSON owns stdout)."""
+    sys.stdout.flush()
+    saved = os.dup(1)
+    try:
+        os.dup2(2, 1)
+        yield
+    finally:
+        os.dup2(saved, 1)
+        os.close(saved)
+
+
 def _nvflare_style(
     models: list[dict[str, np.ndarray]], weights: list[int], log: Callable[[str], None]
 ) -> dict:
@@ -134,12 +149,13 @@ def _nvflare_style(
     uploads, times = [], []
     for model in models:
         started = time.perf_counter()
-        uploads.append(
-            {
-                k: ts.ckks_vector(public, v.reshape(-1).tolist()).serialize()
-                for k, v in model.items()
-            }
-        )
+        with _native_stdout_to_stderr():  # TenSEAL warns on stdout about multi-chunk layers
+            uploads.append(
+                {
+                    k: ts.ckks_vector(public, v.reshape(-1).tolist()).serialize()
+                    for k, v in model.items()
+                }
+            )
         times.append(time.perf_counter() - started)
     total = float(sum(weights))
     started = time.perf_counter()

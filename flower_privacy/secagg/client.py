@@ -58,6 +58,7 @@ class ClientState:
     groups: list[list[int]] = field(default_factory=list)  # this round's groups, if any
     generations: list[list[int]] = field(default_factory=list)  # group generations seen
     group_seed: bytes = b""  # the partition seed first seen in this run
+    min_survivors: int = 0  # fewest survivors this round's upload may be unmasked with
 
     def to_bytes(self) -> bytes:
         data = {
@@ -78,6 +79,7 @@ class ClientState:
             "groups": self.groups,
             "generations": self.generations,
             "group_seed": self.group_seed.hex(),
+            "min_survivors": self.min_survivors,
         }
         return base64.b64encode(json.dumps(data).encode())
 
@@ -102,6 +104,7 @@ class ClientState:
             groups=data["groups"],
             generations=data["generations"],
             group_seed=bytes.fromhex(data["group_seed"]),
+            min_survivors=int(data.get("min_survivors", 0)),
         )
 
     def neighbours(self) -> list[int]:
@@ -192,6 +195,9 @@ def client_upload(
     round_groups = _checked_groups(state, request, cohort)
     state.round, state.cohort, state.uploaded, state.unmasked = rnd, cohort, False, False
     state.signed, state.groups = [], round_groups
+    # The server's own floor, fixed before anything is masked: it cannot lower it at
+    # unmasking by declaring more nodes dropped (distributed DP's noise depends on it).
+    state.min_survivors = int(request.get("min-survivors", 0))
     peers = state.round_neighbours()
     if len(peers) < 2:
         raise RefusedError(f"only {len(peers)} neighbour(s) in the cohort; at least 2 needed")
@@ -240,6 +246,10 @@ def client_unmask(
 ) -> dict:
     """Step 4: check the server's request; reveal only what keeps every input hidden."""
     survivors, dropped = _checked_lists(state, request, "unmask")
+    if len(survivors) < state.min_survivors:
+        raise RefusedError(
+            f"{len(survivors)} survivors, but the round promised at least {state.min_survivors}"
+        )
     rnd = state.round
     round_peers = state.round_neighbours()
     if identity is not None:

@@ -274,6 +274,9 @@ class SecureAggregation(StrictRounds):
                 "clip-range": self.quantizer.clip_range,
                 "max-weight": self.quantizer.max_weight,
                 "max-clients": self.quantizer.max_clients,
+                # Clients refuse to unmask with fewer survivors (a distributed DP noise
+                # share is calibrated for this many).
+                "min-survivors": self.min_train_replies,
             }
         )
         if self.encoding is not None:
