@@ -343,3 +343,32 @@ def test_adaptive_clipping_applies_the_update_noise_for_the_clip_norm_in_use() -
     assert result.arrays["w"].numpy().std() == pytest.approx(z_update * 0.5 / N, rel=0.03)
     # Every update fitted under the clip norm: it shrinks (b̄ ≈ 1 > 0.5, up to noise).
     assert strategy.clip_norm < 0.5
+
+
+@pytest.mark.parametrize("placement", ["central", "client"])
+def test_each_clients_own_update_enters_the_mean(placement) -> None:  # noqa: ANN001
+    mods = [client_clipping_mod] if placement == "client" else []
+    app = ClientApp(mods=mods)
+
+    @app.train()
+    def train(msg: Message, context: Context) -> Message:
+        pid = int(context.node_config["partition-id"])
+        weights = msg.content["arrays"]["w"].numpy().copy()
+        weights[pid] += 0.05 * (pid + 1)  # short: never clipped; one coordinate each
+        content = RecordDict(
+            {"arrays": ArrayRecord({"w": Array(weights)}), "metrics": MetricRecord({"n": 1})}
+        )
+        return Message(content, reply_to=msg)
+
+    grid = InProcessGrid(app, num_nodes=5)
+    strategy = ClientLevelDP(
+        _fedavg(n=5),
+        noise_multiplier=1e-6,
+        placement=placement,
+        clip_norm=1.0,
+        accountant="rdp",
+        seed=10,
+    )
+    result = strategy.start(grid, initial_arrays(8), num_rounds=1)
+    expected = [0.05 * (pid + 1) / 5 for pid in range(5)] + [0.0] * 3
+    np.testing.assert_allclose(result.arrays["w"].numpy(), expected, atol=1e-6)

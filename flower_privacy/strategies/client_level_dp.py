@@ -379,6 +379,11 @@ class ClientLevelDP(StrictRounds):
         self._clip_used = self.clip_norm
         messages = list(super().configure_train(server_round, arrays, config, grid))
         self._global = arrays
+        self._global_flat = np.concatenate(
+            [a.numpy().astype(np.float64).reshape(-1) for a in arrays.values()]
+        )
+        self._global_norm = float(np.linalg.norm(self._global_flat))
+        self._checked_deltas: dict[int, np.ndarray] = {}
         if self.secure is None:
             connected = sorted(grid.get_node_ids())
             addressed = sorted(m.metadata.dst_node_id for m in messages)
@@ -473,23 +478,20 @@ class ClientLevelDP(StrictRounds):
                 f"no {wire.UNCLIPPED!r} metric of 0 or 1: is client_clipping_mod in the "
                 "ClientApp, as ClientApp(mods=[client_clipping_mod])?"
             )
-        delta, global_norm = self._delta(reply)
+        delta = self._checked_deltas[id(reply)] = self._delta(reply)
         norm = float(np.linalg.norm(delta))
-        if norm > self.clip_norm * (1 + _CLIP_SLACK) + 1e-6 * global_norm:
+        if norm > self.clip_norm * (1 + _CLIP_SLACK) + 1e-6 * self._global_norm:
             return f"update norm {norm:.6g} exceeds the clip norm {self.clip_norm:.6g}"
         return None
 
-    def _delta(self, reply: Message) -> tuple[np.ndarray, float]:
+    def _delta(self, reply: Message) -> np.ndarray:
+        """The reply's update: its weights minus the global ones, flat, in float64."""
         assert self._global is not None
         local = next(iter(reply.content.array_records.values()))
-        before = [self._global[k].numpy() for k in self._global.keys()]
-        delta = np.concatenate(
-            [
-                np.subtract(local[k].numpy(), b, dtype=np.float64).reshape(-1)
-                for k, b in zip(self._global.keys(), before, strict=True)
-            ]
+        flat = np.concatenate(
+            [local[k].numpy().astype(np.float64).reshape(-1) for k in self._global.keys()]
         )
-        return delta, float(np.sqrt(sum(np.sum(np.square(b, dtype=np.float64)) for b in before)))
+        return flat - self._global_flat
 
     def _aggregate_in_the_clear(self, server_round: int, replies: Iterable[Message]) -> ArrayRecord:
         usable = self._usable_replies(
@@ -499,7 +501,9 @@ class ClientLevelDP(StrictRounds):
         total = np.zeros(sum(a.numpy().size for a in self._global.values()))
         unclipped = 0
         for reply in usable:
-            delta, _ = self._delta(reply)
+            delta = self._checked_deltas.pop(id(reply), None)
+            if delta is None:
+                delta = self._delta(reply)
             # Client placement: re-clipping only removes float32 slack (checked above).
             clipped, was_clipped = clip_l2(delta, self.clip_norm)
             if self.placement == "client":
