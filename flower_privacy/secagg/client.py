@@ -246,10 +246,6 @@ def client_unmask(
 ) -> dict:
     """Step 4: check the server's request; reveal only what keeps every input hidden."""
     survivors, dropped = _checked_lists(state, request, "unmask")
-    if len(survivors) < state.min_survivors:
-        raise RefusedError(
-            f"{len(survivors)} survivors, but the round promised at least {state.min_survivors}"
-        )
     rnd = state.round
     round_peers = state.round_neighbours()
     if identity is not None:
@@ -257,6 +253,10 @@ def client_unmask(
     broken = groups.incomplete_groups(state.groups, survivors)
     if broken:
         raise RefusedError(f"groups {broken} are incomplete in the survivor list")
+    if len(survivors) < state.min_survivors:
+        raise RefusedError(
+            f"{len(survivors)} survivors, but the round promised at least {state.min_survivors}"
+        )
     if rule is not None and (why := rule(survivors, dropped, state.cohort)) is not None:
         raise RefusedError(f"unmask rule: {why}")
     owners = [int(x) for x in request["from"]]
