@@ -15,7 +15,7 @@ from flwr.serverapp.strategy import FedAdam, FedAvg
 
 from flower_privacy import _he_wire as wire
 from flower_privacy import he
-from flower_privacy.errors import RoundFailedError, RunHaltedError
+from flower_privacy.errors import RunHaltedError
 from flower_privacy.he.envelope import Envelope
 from flower_privacy.mods import EncryptionMod
 from flower_privacy.mods.encryption_mod import CANNOT_ENCRYPT
@@ -317,6 +317,21 @@ def test_a_bad_upload_is_named_and_left_out(keys, tmp_path, caplog, kind, messag
     assert model.contributors == 2 and model.total_weight == 1 + 2  # nodes 1001 and 1002
 
 
+def _swap_first_chunk(msg: Message, key: he.HEContext) -> None:
+    """Replace the global model's first chunk by an encryption of zeros (same key)."""
+    env = Envelope.from_bytes(msg.content["arrays"][wire.CIPHERTEXT].data)
+    fake = he.encrypt_model(key, {"w": np.zeros(DIM, np.float32)}, 1, LIMITS).envelope
+    forged = Envelope(
+        env.scheme,
+        env.fingerprint,
+        env.layout,
+        env.limits,
+        env.contributors,
+        (fake.chunks[0], *env.chunks[1:]),
+    )
+    msg.content["arrays"] = wire.ciphertext_record(forged.to_bytes())
+
+
 def test_a_tampered_global_model_is_refused_by_every_client(keys, tmp_path, caplog) -> None:
     client_ctx, server_ctx = keys
     grid = InProcessGrid(_app(client_ctx), 3)
@@ -324,17 +339,7 @@ def test_a_tampered_global_model_is_refused_by_every_client(keys, tmp_path, capl
 
     def swap_a_chunk(msg: Message) -> Message:
         if msg.metadata.message_type == "train" and int(msg.content["config"]["server-round"]) == 2:
-            env = Envelope.from_bytes(msg.content["arrays"][wire.CIPHERTEXT].data)
-            fake = he.encrypt_model(zero, {"w": np.zeros(DIM, np.float32)}, 1, LIMITS).envelope
-            forged = Envelope(
-                env.scheme,
-                env.fingerprint,
-                env.layout,
-                env.limits,
-                env.contributors,
-                (fake.chunks[0], *env.chunks[1:]),
-            )
-            msg.content["arrays"] = wire.ciphertext_record(forged.to_bytes())
+            _swap_first_chunk(msg, zero)
         return msg
 
     grid.intercept(swap_a_chunk)
@@ -363,23 +368,13 @@ def test_a_global_model_refused_at_evaluation_fails_the_round_and_is_not_saved(
 
     def forge_evaluate(msg: Message) -> Message:
         if msg.metadata.message_type == "evaluate":
-            env = Envelope.from_bytes(msg.content["arrays"][wire.CIPHERTEXT].data)
-            fake = he.encrypt_model(key, {"w": np.zeros(DIM, np.float32)}, 1, LIMITS).envelope
-            forged = Envelope(
-                env.scheme,
-                env.fingerprint,
-                env.layout,
-                env.limits,
-                env.contributors,
-                (fake.chunks[0], *env.chunks[1:]),
-            )
-            msg.content["arrays"] = wire.ciphertext_record(forged.to_bytes())
+            _swap_first_chunk(msg, key)
         return msg
 
     grid.intercept(forge_evaluate)
     saved = tmp_path / "model.fphe"
-    # RoundFailedError (recorded as a failed round by StrictRounds, then RunHaltedError).
-    with pytest.raises((RoundFailedError, RunHaltedError), match="failed verification"):
+    # Recorded as a failed round by StrictRounds, which then halts the run.
+    with pytest.raises(RunHaltedError, match="evaluation refused: .*failed verification"):
         _strategy(server_ctx, save_path=saved).start(grid, initial_arrays(DIM), num_rounds=1)
     assert not saved.exists()
 

@@ -21,11 +21,11 @@ import tomllib
 from pathlib import Path
 
 import numpy as np
-from flwr.app import Array, ArrayRecord, Context, Message, MetricRecord, RecordDict
-from flwr.clientapp import ClientApp
+from flwr.app import Array, ArrayRecord
 from flwr.serverapp.strategy import FedAvg
 
 from flower_privacy import _flwr_compat as compat
+from flower_privacy.bench.secagg import fixed_update_app
 from flower_privacy.dp.accounting import GaussianRounds, epsilon
 from flower_privacy.mods import client_clipping_mod, secagg_mod
 from flower_privacy.strategies import ClientLevelDP, SecureAggregation, StrictRounds
@@ -113,31 +113,11 @@ def utility(
     return rows
 
 
-def _fixed_update_app(mods: list) -> ClientApp:
-    app = ClientApp(mods=mods)
-
-    @app.train()
-    def train(msg: Message, context: Context) -> Message:
-        w = msg.content["arrays"]["w"].numpy()
-        update = np.random.default_rng(context.node_id).uniform(-0.01, 0.01, w.size)
-        return Message(
-            RecordDict(
-                {
-                    "arrays": ArrayRecord({"w": Array((w + update).astype(np.float32))}),
-                    "metrics": MetricRecord({"num-examples": 1}),
-                }
-            ),
-            reply_to=msg,
-        )
-
-    return app
-
-
 def _round_time(make_strategy, mods: list, params: int, clients: int) -> float:  # noqa: ANN001
     """Steady-state seconds per round: (time of 3 rounds - time of 1 round) / 2."""
     times = []
     for rounds in (1, 3):
-        grid = InProcessGrid(_fixed_update_app(mods), num_nodes=clients)
+        grid = InProcessGrid(fixed_update_app(mods), num_nodes=clients)
         arrays = ArrayRecord({"w": Array(np.zeros(params, dtype=np.float32))})
         start = time.perf_counter()
         make_strategy().start(grid, arrays, num_rounds=rounds)

@@ -40,7 +40,8 @@ def _update(node_id: int, size: int) -> np.ndarray:
     return np.random.default_rng(node_id).uniform(-0.01, 0.01, size).astype(np.float32)
 
 
-def _message_api_app(mods: list) -> ClientApp:
+def fixed_update_app(mods: list) -> ClientApp:
+    """A ClientApp (with ``mods``) whose update is a fixed per-node synthetic vector."""
     app = ClientApp(mods=mods)
 
     @app.train()
@@ -155,7 +156,7 @@ def case(n: int, params: int, dropout: float) -> dict:
     def fedavg() -> FedAvg:
         return FedAvg(min_available_nodes=n, min_train_nodes=n, fraction_evaluate=0.0)
 
-    fedavg_s, _ = _time_message_api(fedavg(), _message_api_app([]), n, params)
+    fedavg_s, _ = _time_message_api(fedavg(), fixed_update_app([]), n, params)
     dropped = int(round(dropout * n))
 
     def drop(grid: InProcessGrid) -> None:
@@ -163,7 +164,7 @@ def case(n: int, params: int, dropout: float) -> dict:
             grid.drop_node(node, when=_our_unmask_stage, only_matching=True)
 
     ours = SecureAggregation(fedavg(), max_weight=100, min_train_replies=n - dropped)
-    secagg_s, grid = _time_message_api(ours, _message_api_app([secagg_mod]), n, params, drop)
+    secagg_s, grid = _time_message_api(ours, fixed_update_app([secagg_mod]), n, params, drop)
     upload = next(
         e.message
         for e in grid.transcript

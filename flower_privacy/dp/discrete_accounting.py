@@ -65,6 +65,7 @@ __all__ = [
     "DistributedPlan",
     "SkellamRounds",
     "calibrate_variance",
+    "distributed_event",
     "ddg_rdp",
     "epsilon",
     "plan_distributed",
@@ -264,6 +265,27 @@ def epsilon(event: Event, delta: float) -> float:
     return float(eps)
 
 
+def distributed_event(
+    mechanism: str,
+    *,
+    clip: float,
+    dim: int,
+    scale: float,
+    noise_variance: float,
+    sampling_rate: float,
+    rounds: int,
+    min_clients: int,
+    max_clients: int,
+    beta: float = math.exp(-0.5),
+) -> Event:
+    """The event of ``mechanism`` (``"skellam"`` or ``"ddg"``) for these parameters."""
+    if mechanism == "skellam":
+        return SkellamRounds(clip, dim, scale, noise_variance, sampling_rate, rounds, beta)
+    return DistributedDiscreteGaussianRounds(
+        clip, dim, scale, noise_variance, sampling_rate, rounds, min_clients, max_clients, beta
+    )
+
+
 def calibrate_variance(
     mechanism: str,
     target_epsilon: float,
@@ -292,18 +314,17 @@ def calibrate_variance(
         raise ValueError(f"delta must be in (0, 1), got {delta}")
 
     def event(v: float) -> Event:
-        if mechanism == "skellam":
-            return SkellamRounds(clip, dim, scale, v, sampling_rate, rounds, beta)
-        return DistributedDiscreteGaussianRounds(
-            clip,
-            dim,
-            scale,
-            v,
-            sampling_rate,
-            rounds,
-            min_clients,
-            min_clients if max_clients is None else max_clients,
-            beta,
+        return distributed_event(
+            mechanism,
+            clip=clip,
+            dim=dim,
+            scale=scale,
+            noise_variance=v,
+            sampling_rate=sampling_rate,
+            rounds=rounds,
+            min_clients=min_clients,
+            max_clients=min_clients if max_clients is None else max_clients,
+            beta=beta,
         )
 
     unit = event(1.0).l2_sensitivity ** 2  # validates every parameter
@@ -332,7 +353,9 @@ class DistributedPlan:
 
     ``noise_variance`` is the summed noise with ``min_clients`` survivors and
     ``share_variance`` each client's (integer units; σ² parameters for the DDG);
-    ``noise_std`` is the summed noise's standard deviation in update units (√v / γ).
+    ``noise_std`` is the summed noise's standard deviation in update units (√v / γ);
+    ``event`` is what was accounted for the planned rounds (``dataclasses.replace`` its
+    ``rounds`` for ε after fewer).
     """
 
     mechanism: str
@@ -343,6 +366,7 @@ class DistributedPlan:
     wrap_probability: float
     l2_sensitivity: float
     noise_std: float
+    event: Event
 
 
 def plan_distributed(
@@ -425,13 +449,18 @@ def plan_distributed(
         else:
             high = mid
     scale, v, wrap = best
-    event: Event
-    if mechanism == "skellam":
-        event = SkellamRounds(clip, dim, scale, v, sampling_rate, rounds, beta)
-    else:
-        event = DistributedDiscreteGaussianRounds(
-            clip, dim, scale, v, sampling_rate, rounds, min_clients, max_clients, beta
-        )
+    event = distributed_event(
+        mechanism,
+        clip=clip,
+        dim=dim,
+        scale=scale,
+        noise_variance=v,
+        sampling_rate=sampling_rate,
+        rounds=rounds,
+        min_clients=min_clients,
+        max_clients=max_clients,
+        beta=beta,
+    )
     return DistributedPlan(
         mechanism=mechanism,
         scale=scale,
@@ -441,4 +470,5 @@ def plan_distributed(
         wrap_probability=wrap,
         l2_sensitivity=event.l2_sensitivity,
         noise_std=math.sqrt(v) / scale,
+        event=event,
     )

@@ -18,6 +18,7 @@ kept) when one more round would exceed the target. The maths lives in
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from collections.abc import Iterable
 from logging import INFO, WARNING
@@ -38,12 +39,7 @@ from flower_privacy.dp.accounting import (
 )
 from flower_privacy.dp.clipping import AdaptiveClipping, clip_l2, noisy_unclipped_fraction
 from flower_privacy.dp.discrete import MECHANISMS
-from flower_privacy.dp.discrete_accounting import (
-    DistributedDiscreteGaussianRounds,
-    DistributedPlan,
-    SkellamRounds,
-    plan_distributed,
-)
+from flower_privacy.dp.discrete_accounting import DistributedPlan, plan_distributed
 from flower_privacy.dp.discrete_accounting import epsilon as discrete_epsilon
 from flower_privacy.dp.distributed import DistributedNoiseEncoding
 from flower_privacy.dp.noise import add_gaussian_noise, secure_generator, snap
@@ -268,24 +264,14 @@ class ClientLevelDP(StrictRounds):
                 mechanism = GaussianRounds(self.noise_multiplier, q, rounds)
                 self._epsilons[rounds] = epsilon(mechanism, self.delta, self.accountant)
             else:
-                self._epsilons[rounds] = discrete_epsilon(self._discrete_event(rounds), self.delta)
+                event = dataclasses.replace(plan.event, rounds=rounds)
+                self._epsilons[rounds] = discrete_epsilon(event, self.delta)
         return self._epsilons[rounds]
-
-    def _discrete_event(self, rounds: int) -> SkellamRounds | DistributedDiscreteGaussianRounds:
-        plan, secure = self.distributed_plan, self.secure
-        assert plan is not None and secure is not None
-        common = (self.initial_clip_norm, self._dim, plan.scale, plan.noise_variance)
-        q = self.accounted_sampling_rate
-        if self.mechanism == "skellam":
-            return SkellamRounds(*common, q, rounds, _BETA)
-        return DistributedDiscreteGaussianRounds(
-            *common, q, rounds, secure.min_train_replies, secure.quantizer.max_clients, _BETA
-        )
 
     def _plan_distributed(self, arrays: ArrayRecord) -> None:
         """Calibrate each client's integer noise share for the target, before round 1."""
         assert self.secure is not None and self.target_epsilon is not None
-        dim = self._dim = sum(int(np.prod(a.shape)) for a in arrays.values())
+        dim = sum(int(np.prod(a.shape)) for a in arrays.values())
         plan = plan_distributed(
             self.mechanism,
             self.target_epsilon,
