@@ -19,12 +19,14 @@ def test_each_placement_trains_within_its_budget(caplog, placement) -> None:  # 
         "privacy": "dp",
         "dp-placement": placement,
         "dp-target-epsilon": 50.0,
-        "num-server-rounds": 5,
+        # Ten rounds: at five, clipping alone holds accuracy near 0.5 and the noise spreads it
+        # over 0.34-0.62 (measured, distributed); at ten it spreads over 0.66-0.82.
+        "num-server-rounds": 10,
     }
     grid = InProcessGrid(client_app, num_nodes=10, run_config=cfg)
     grid.run_server_app(server_app.app)
     spent = [float(e) for e in re.findall(r"ε=([0-9.]+) at δ=1e-05 after", caplog.text)]
-    assert len(spent) == 5 and spent == sorted(spent) and spent[-1] <= 50.0
+    assert len(spent) == 10 and spent == sorted(spent) and spent[-1] <= 50.0
     accuracy = float(re.findall(r"final accuracy: ([0-9.]+)", caplog.text)[-1])
     assert accuracy > 0.4, accuracy  # chance is 0.1; DP noise costs accuracy at 10 clients
     # No federated evaluation: its metrics would come from clients' data without noise.

