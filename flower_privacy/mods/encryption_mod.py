@@ -171,9 +171,7 @@ class EncryptionMod:
         """Whether this node must refuse plaintext train and evaluate messages."""
         if self.context_path is not None and not callable(self.context_path):
             return True
-        if context.node_config.get(wire.NODE_CONTEXT) or context.run_config.get(
-            wire.NODE_CONTEXT
-        ):
+        if context.node_config.get(wire.NODE_CONTEXT) or context.run_config.get(wire.NODE_CONTEXT):
             return True
         rule = self.require_encryption
         return bool(rule(context)) if callable(rule) else bool(rule)
