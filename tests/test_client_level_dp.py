@@ -107,7 +107,7 @@ def test_noise_comes_from_the_csprng_unless_a_test_seed_is_given() -> None:
 
 def test_poisson_sampling_frequencies_match_the_rate() -> None:
     rounds, q = 25, 0.3
-    _, grid, result = _run("central", 4, rounds, noise_multiplier=1.0, sampling_rate=q)
+    _, grid, result = _run("central", 4, rounds, noise_multiplier=1.0, sampling_rate=q, seed=11)
     calls = [
         int(c.state["calls"]["n"]) if "calls" in c.state else 0 for c in grid.contexts.values()
     ]
