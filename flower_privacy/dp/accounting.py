@@ -53,13 +53,6 @@ def _check(delta: float, accountant: str) -> None:
         raise ValueError(f"accountant must be one of {ACCOUNTANTS}, got {accountant!r}")
 
 
-def _fresh(accountant: str):  # noqa: ANN202
-    from dp_accounting.pld import PLDAccountant
-    from dp_accounting.rdp import RdpAccountant
-
-    return PLDAccountant() if accountant == "pld" else RdpAccountant()
-
-
 def epsilon(mechanism: GaussianRounds, delta: float, accountant: str = "pld") -> float:
     """The ε at which ``mechanism`` is (ε, δ)-DP, by ``accountant``."""
     _check(delta, accountant)
@@ -69,22 +62,23 @@ def epsilon(mechanism: GaussianRounds, delta: float, accountant: str = "pld") ->
         prv = PRVAccountant()
         prv.history = [(mechanism.noise_multiplier, mechanism.sampling_rate, int(mechanism.rounds))]
         return float(prv.get_epsilon(delta=delta))
-    pld_sampled = accountant == "pld" and mechanism.sampling_rate < 1
-    if pld_sampled and mechanism.noise_multiplier < _PLD_MIN_NOISE:
-        # dp-accounting's PLD discretisation needs memory and time that grow without
-        # bound as z -> 0 (38 GiB at z = 0.001); ε is in the hundreds there anyway.
-        raise ValueError(
-            f"noise_multiplier {mechanism.noise_multiplier:g} is below {_PLD_MIN_NOISE} "
-            "where the PLD accountant's discretisation blows up: use accountant='rdp'"
-        )
     if accountant == "pld":
         if mechanism.sampling_rate == 1:
             return _gaussian_epsilon(
                 mechanism.noise_multiplier / math.sqrt(mechanism.rounds), delta
             )
+        if mechanism.noise_multiplier < _PLD_MIN_NOISE:
+            # dp-accounting's PLD discretisation needs memory and time that grow without
+            # bound as z -> 0 (38 GiB at z = 0.001); ε is in the hundreds there anyway.
+            raise ValueError(
+                f"noise_multiplier {mechanism.noise_multiplier:g} is below {_PLD_MIN_NOISE} "
+                "where the PLD accountant's discretisation blows up: use accountant='rdp'"
+            )
         one = _one_round_pld(mechanism.noise_multiplier, mechanism.sampling_rate)
         return float(one.self_compose(int(mechanism.rounds)).get_epsilon_for_delta(delta))
-    acc = _fresh(accountant)
+    from dp_accounting.rdp import RdpAccountant
+
+    acc = RdpAccountant()
     acc.compose(mechanism.event())
     return float(acc.get_epsilon(delta))
 
@@ -140,16 +134,16 @@ def calibrate(
         raise ValueError(f"target_epsilon must be > 0, got {target_epsilon}")
     GaussianRounds(1.0, sampling_rate, rounds)  # validates q and rounds
 
+    @functools.cache  # the bracketing loops revisit their end points
     def eps(z: float) -> float:
         return epsilon(GaussianRounds(z, sampling_rate, rounds), delta, accountant)
 
-    low = _PLD_MIN_NOISE if accountant == "pld" and sampling_rate < 1 else 0.05
-    high = 1.0
+    low, high = 0.05, 1.0
     if accountant == "pld" and sampling_rate < 1:
         # RDP is an upper bound on the PLD's ε: its z is enough, and the PLD's lies
         # within ~20% below it. A tight bracket saves most of the slow PLD evaluations.
         high = calibrate(target_epsilon, delta, sampling_rate, rounds, "rdp")
-        low = max(low, 0.8 * high)
+        low = max(_PLD_MIN_NOISE, 0.8 * high)
         while low > _PLD_MIN_NOISE and eps(low) <= target_epsilon:
             low, high = max(_PLD_MIN_NOISE, 0.8 * low), low
     while eps(high) > target_epsilon:

@@ -45,6 +45,7 @@ and includes its update with a secret coin of bias q).
 
 from __future__ import annotations
 
+import functools
 import math
 from dataclasses import dataclass
 
@@ -53,6 +54,9 @@ from scipy.special import gammaln, logsumexp
 
 from flower_privacy.dp.discrete import (
     MECHANISMS,
+    _beta,
+    _count,
+    _positive,
     l1_sensitivity,
     l2_sensitivity,
     share_variance,
@@ -82,20 +86,14 @@ ORDERS = np.arange(2, 257, dtype=np.int64)  # integer orders, as Zhu & Wang's bo
 
 
 def _check_common(event: SkellamRounds | DistributedDiscreteGaussianRounds) -> None:
-    if not (math.isfinite(event.clip) and event.clip > 0):
-        raise ValueError(f"clip must be a finite number > 0, got {event.clip}")
-    if int(event.dim) != event.dim or event.dim < 1:
-        raise ValueError(f"dim must be an integer >= 1, got {event.dim}")
-    if not (math.isfinite(event.scale) and event.scale > 0):
-        raise ValueError(f"scale must be a finite number > 0, got {event.scale}")
-    if not (math.isfinite(event.noise_variance) and event.noise_variance > 0):
-        raise ValueError(f"noise_variance must be a finite number > 0, got {event.noise_variance}")
+    _positive("clip", event.clip)
+    _count("dim", event.dim)
+    _positive("scale", event.scale)
+    _positive("noise_variance", event.noise_variance)
     if not 0 < event.sampling_rate <= 1:
         raise ValueError(f"sampling_rate must be in (0, 1], got {event.sampling_rate}")
-    if int(event.rounds) != event.rounds or event.rounds < 1:
-        raise ValueError(f"rounds must be an integer >= 1, got {event.rounds}")
-    if not (math.isfinite(event.beta) and 0 <= event.beta < 1):
-        raise ValueError(f"beta must be in [0, 1), got {event.beta}")
+    _count("rounds", event.rounds)
+    _beta(event.beta)
 
 
 class _RoundedUpdate:
@@ -159,8 +157,7 @@ class DistributedDiscreteGaussianRounds(_RoundedUpdate):
 
     def __post_init__(self) -> None:
         _check_common(self)
-        if int(self.min_clients) != self.min_clients or self.min_clients < 1:
-            raise ValueError(f"min_clients must be an integer >= 1, got {self.min_clients}")
+        _count("min_clients", self.min_clients)
         if int(self.max_clients) != self.max_clients or self.max_clients < self.min_clients:
             raise ValueError(
                 f"max_clients must be an integer >= min_clients={self.min_clients}, "
@@ -239,10 +236,10 @@ def rdp(event: Event) -> np.ndarray:
     if isinstance(event, SkellamRounds):
         base = skellam_rdp(ORDERS, event.l1_sensitivity, event.l2_sensitivity, event.noise_variance)
     elif isinstance(event, DistributedDiscreteGaussianRounds):
-        local = event.local_variance
+        local, l1, l2 = event.local_variance, event.l1_sensitivity, event.l2_sensitivity
         base = np.max(
             [
-                ddg_rdp(ORDERS, event.l1_sensitivity, event.l2_sensitivity, local, n, event.dim)
+                ddg_rdp(ORDERS, l1, l2, local, n, event.dim)
                 for n in range(event.min_clients, event.max_clients + 1)
             ],
             axis=0,
@@ -327,20 +324,24 @@ def calibrate_variance(
             beta=beta,
         )
 
+    @functools.cache  # the bracketing loop revisits its end points
+    def eps(v: float) -> float:
+        return epsilon(event(v), delta)
+
     unit = event(1.0).l2_sensitivity ** 2  # validates every parameter
     low, high = 0.05**2 * unit, unit
-    while epsilon(event(high), delta) > target_epsilon:
+    while eps(high) > target_epsilon:
         low, high = high, high * 4
         if high > 1e8 * unit:
             raise ValueError(f"no noise variance up to 1e8·Δ₂² reaches ε={target_epsilon}")
-    if epsilon(event(low), delta) <= target_epsilon:
+    if eps(low) <= target_epsilon:
         raise ValueError(
             f"ε={target_epsilon} is met even at variance {low:g}: use a smaller target"
         )
     # Invariant: ε(low) > target ≥ ε(high); ε decreases in v. Stop within 0.1%.
     while high - low > 1e-3 * high:
         mid = math.sqrt(low * high)
-        if epsilon(event(mid), delta) <= target_epsilon:
+        if eps(mid) <= target_epsilon:
             high = mid
         else:
             low = mid
@@ -353,7 +354,6 @@ class DistributedPlan:
 
     ``noise_variance`` is the summed noise with ``min_clients`` survivors and
     ``share_variance`` each client's (integer units; σ² parameters for the DDG);
-    ``noise_std`` is the summed noise's standard deviation in update units (√v / γ);
     ``event`` is what was accounted for the planned rounds (``dataclasses.replace`` its
     ``rounds`` for ε after fewer).
     """
@@ -365,7 +365,6 @@ class DistributedPlan:
     epsilon: float
     wrap_probability: float
     l2_sensitivity: float
-    noise_std: float
     event: Event
 
 
@@ -469,6 +468,5 @@ def plan_distributed(
         epsilon=epsilon(event, delta),
         wrap_probability=wrap,
         l2_sensitivity=event.l2_sensitivity,
-        noise_std=math.sqrt(v) / scale,
         event=event,
     )

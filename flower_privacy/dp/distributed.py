@@ -42,8 +42,7 @@ class DistributedNoiseEncoding:
             value = getattr(self, name)
             if not (isinstance(value, (int, float)) and math.isfinite(value) and value > 0):
                 raise ValueError(f"{name} must be a finite number > 0, got {value!r}")
-        if not 0 <= self.beta < 1:
-            raise ValueError(f"beta must be in [0, 1), got {self.beta!r}")
+        discrete._beta(self.beta)
 
     def encode(self, update: np.ndarray, weight: int = 1, *, seed: int | None = None) -> Encoded:
         """Clip, scale, round, add this client's noise share, reduce mod 2^32.
