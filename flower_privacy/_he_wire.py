@@ -8,7 +8,7 @@ marks the message and carries the declared limits and the record keys.
 
 from __future__ import annotations
 
-from flwr.app import Array, ArrayRecord, ConfigRecord, RecordDict
+from flwr.app import Array, ArrayRecord, ConfigRecord, Context, RecordDict
 
 from flower_privacy.he import DeclaredLimits
 
@@ -19,6 +19,14 @@ GLOBAL, UPDATE = "global", "update"
 # Node config (or run config) key naming the client's secret context file.
 NODE_CONTEXT = "he-context"
 MOD_NAME = "flower_privacy.mods.encryption_mod"
+# Starts the reason of every refusal the mod sends (the server matches it).
+REFUSED = f"{MOD_NAME} refused"
+
+
+def configured_context_path(context: Context) -> str | None:
+    """Node config :data:`NODE_CONTEXT`, else run config :data:`NODE_CONTEXT`, or None."""
+    path = context.node_config.get(NODE_CONTEXT) or context.run_config.get(NODE_CONTEXT)
+    return str(path) if path else None
 
 
 def ciphertext_record(blob: bytes) -> ArrayRecord:

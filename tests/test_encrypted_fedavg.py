@@ -3,15 +3,16 @@
 from __future__ import annotations
 
 import re
-import tomllib
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import DIGITS_APP, initial_arrays, make_toy_client_app, run_cli
+from conftest import initial_arrays, make_toy_client_app, run_cli
 from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 from flwr.serverapp.strategy import FedAdam, FedAvg
+from test_digits_app import DEFAULTS
 
 from flower_privacy import _he_wire as wire
 from flower_privacy import he
@@ -273,13 +274,9 @@ def _corrupt(kind: str, other_ctx: he.HEContext):  # noqa: ANN202
             blob = blob[: len(blob) - 1000]
         elif kind == "tampered":
             env = Envelope.from_bytes(blob)
-            blob = Envelope(
-                env.scheme,
-                env.fingerprint,
-                env.layout,
-                env.limits,
-                1,
-                (env.chunks[0][:200] + bytes(200) + env.chunks[0][400:], *env.chunks[1:]),
+            blob = replace(
+                env,
+                chunks=(env.chunks[0][:200] + bytes(200) + env.chunks[0][400:], *env.chunks[1:]),
             ).to_bytes()
         elif kind == "other-key":
             model = {"w": np.zeros(DIM, np.float32)}
@@ -321,14 +318,7 @@ def _swap_first_chunk(msg: Message, key: he.HEContext) -> None:
     """Replace the global model's first chunk by an encryption of zeros (same key)."""
     env = Envelope.from_bytes(msg.content["arrays"][wire.CIPHERTEXT].data)
     fake = he.encrypt_model(key, {"w": np.zeros(DIM, np.float32)}, 1, LIMITS).envelope
-    forged = Envelope(
-        env.scheme,
-        env.fingerprint,
-        env.layout,
-        env.limits,
-        env.contributors,
-        (fake.chunks[0], *env.chunks[1:]),
-    )
+    forged = replace(env, chunks=(fake.chunks[0], *env.chunks[1:]))
     msg.content["arrays"] = wire.ciphertext_record(forged.to_bytes())
 
 
@@ -407,9 +397,6 @@ def test_digits_with_he_matches_plain_fedavg_under_federated_evaluation(
 
     monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))  # the simulated run's keys
 
-    defaults = tomllib.loads((DIGITS_APP / "pyproject.toml").read_text())["tool"]["flwr"]["app"][
-        "config"
-    ]
     monkeypatch.setattr(server_app, "SERVER_SEES_MODEL", set())  # plain: federated too
     # Reproducible stochastic rounding (tests only): the comparison is one fixed sample,
     # not a draw that lands within the bound most of the time.
@@ -423,7 +410,7 @@ def test_digits_with_he_matches_plain_fedavg_under_federated_evaluation(
 
     def accuracy(privacy: str) -> float:
         caplog.clear()
-        cfg = {**defaults, "privacy": privacy, "seed": 7}
+        cfg = {**DEFAULTS, "privacy": privacy, "seed": 7}
         InProcessGrid(client_app, 10, run_config=cfg, run_id=7_000_001).run_server_app(
             server_app.app
         )
@@ -482,15 +469,12 @@ def test_digits_deals_keys_only_in_a_declared_simulation(monkeypatch, tmp_path) 
         he_keys.simulation_key_dir(5) / he.CLIENT_CONTEXT
     )
     # The ServerApp in a "deployment" run config (switch off): refuses before round 1.
-    defaults = tomllib.loads((DIGITS_APP / "pyproject.toml").read_text())["tool"]["flwr"]["app"][
-        "config"
-    ]
-    assert defaults["he-simulation-keys"] is True  # `flwr run` simulations work as shipped
-    cfg = {**defaults, "privacy": "he", "he-simulation-keys": False}
+    assert DEFAULTS["he-simulation-keys"] is True  # `flwr run` simulations work as shipped
+    cfg = {**DEFAULTS, "privacy": "he", "he-simulation-keys": False}
     with pytest.raises(he.HEConfigError, match="he-server-context required"):
         InProcessGrid(client_app, 2, run_config=cfg).run_server_app(server_app.app)
     # A digits node in an "he" run refuses a plaintext model (H1, the fallback locator).
-    grid = InProcessGrid(client_app, 1, run_config={**defaults, "privacy": "he"})
+    grid = InProcessGrid(client_app, 1, run_config={**DEFAULTS, "privacy": "he"})
     message = Message(RecordDict({"arrays": initial_arrays()}), 1001, "train")
     (reply,) = grid.send_and_receive([message])
     assert reply.has_error() and "requires encryption" in reply.error.reason
@@ -498,8 +482,6 @@ def test_digits_deals_keys_only_in_a_declared_simulation(monkeypatch, tmp_path) 
 
 def test_bench_he_prints_one_json_object_with_every_figure() -> None:
     import json
-
-    from conftest import run_cli
 
     done = run_cli("bench", "he", "--quick", "--json")
     assert done.returncode == 0, done.stderr

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import random
 import stat
+from dataclasses import replace
 
 import numpy as np
 import pytest
@@ -47,7 +48,7 @@ def _aggregate(client, server, models, weights, limits=LIMITS) -> bytes:
         for m, w in zip(models, weights, strict=True)
     ]
     loaded = [he.load_update(server, blob, layout, limits) for blob in uploads]
-    return he.add_updates(server, loaded).to_bytes()
+    return he.add_updates(loaded).to_bytes()
 
 
 @pytest.mark.parametrize("preset", he.PRESETS)
@@ -168,13 +169,8 @@ def test_a_ciphertext_under_another_key_is_named(keys, tmp_path) -> None:
     with pytest.raises(he.InvalidCiphertext, match="made under another key"):
         he.load_update(server, blob, he.Layout.of(model), LIMITS)
     # Relabelled with the right fingerprint, it gets past the label but not the canaries.
-    forged = Envelope.from_bytes(blob)
-    forged = Envelope(
-        forged.scheme, server.fingerprint, forged.layout, forged.limits, 1, forged.chunks
-    )
-    aggregate = he.add_updates(
-        server, [he.load_update(server, forged, he.Layout.of(model), LIMITS)]
-    )
+    forged = replace(Envelope.from_bytes(blob), fingerprint=server.fingerprint)
+    aggregate = he.add_updates([he.load_update(server, forged, he.Layout.of(model), LIMITS)])
     with pytest.raises(he.InvalidCiphertext, match="canary check failed"):
         he.decrypt_model(keys["bfv"][0], aggregate)
 
@@ -204,7 +200,7 @@ def test_tampered_ciphertext_bytes_never_decrypt_to_a_wrong_model(keys) -> None:
     blob, layout = _upload(keys, model)
     envelope = Envelope.from_bytes(blob)
     untampered = he.decrypt_model(
-        client, he.add_updates(server, [he.load_update(server, envelope, layout, LIMITS)])
+        client, he.add_updates([he.load_update(server, envelope, layout, LIMITS)])
     )
     rng = np.random.default_rng(1)
     refused = 0
@@ -215,9 +211,9 @@ def test_tampered_ciphertext_bytes_never_decrypt_to_a_wrong_model(keys) -> None:
         chunk[pos] ^= 0xFF
         chunks = list(envelope.chunks)
         chunks[index] = bytes(chunk)
-        bad = Envelope(envelope.scheme, envelope.fingerprint, layout, LIMITS, 1, tuple(chunks))
+        bad = replace(envelope, chunks=tuple(chunks))
         try:
-            aggregate = he.add_updates(server, [he.load_update(server, bad, layout, LIMITS)])
+            aggregate = he.add_updates([he.load_update(server, bad, layout, LIMITS)])
             result = he.decrypt_model(client, aggregate)
         except he.InvalidCiphertext as err:
             assert "chunk" in str(err)  # names where, never what
@@ -233,8 +229,8 @@ def test_tampered_ciphertext_bytes_never_decrypt_to_a_wrong_model(keys) -> None:
     # A chunk swapped for a valid ciphertext of other content: only the canary sees it.
     chunks = list(envelope.chunks)
     chunks[1] = _zero_canary_chunk(client)
-    swapped = Envelope(envelope.scheme, envelope.fingerprint, layout, LIMITS, 1, tuple(chunks))
-    aggregate = he.add_updates(server, [he.load_update(server, swapped, layout, LIMITS)])
+    swapped = replace(envelope, chunks=tuple(chunks))
+    aggregate = he.add_updates([he.load_update(server, swapped, layout, LIMITS)])
     with pytest.raises(
         he.InvalidCiphertext, match=r"canary check failed in 1 of 3 chunks \(first: chunk 1\)"
     ):
@@ -263,7 +259,7 @@ def test_a_shape_that_does_not_match_the_model_is_named(keys) -> None:
 def test_an_upload_claiming_several_contributions_is_refused(keys) -> None:
     blob, layout = _upload(keys)
     envelope = Envelope.from_bytes(blob)
-    inflated = Envelope(envelope.scheme, envelope.fingerprint, layout, LIMITS, 3, envelope.chunks)
+    inflated = replace(envelope, contributors=3)
     with pytest.raises(he.InvalidCiphertext, match="must hold one contribution"):
         he.load_update(keys["bfv"][1], inflated, layout, LIMITS)
 
@@ -297,7 +293,7 @@ def test_clipping_is_counted_and_non_finite_values_are_refused(keys) -> None:
     update = he.encrypt_model(client, model, 2, LIMITS)
     assert update.clipped == 2
     aggregate = he.add_updates(
-        server, [he.load_update(server, update.envelope, he.Layout.of(model), LIMITS)]
+        [he.load_update(server, update.envelope, he.Layout.of(model), LIMITS)]
     )
     result = he.decrypt_model(client, aggregate)
     assert result.clipped == 2
@@ -320,7 +316,7 @@ def test_the_process_pool_encrypts_what_one_process_does(keys) -> None:
     layout = he.Layout.of(model)
     decrypted = [
         he.decrypt_model(
-            client, he.add_updates(server, [he.load_update(server, u.envelope, layout, LIMITS)])
+            client, he.add_updates([he.load_update(server, u.envelope, layout, LIMITS)])
         )
         for u in (pooled, single)
     ]
@@ -359,13 +355,13 @@ def test_max_clients_copies_of_an_extreme_ciphertext_decrypt_exactly(keys) -> No
     layout = he.Layout.of(model)
     upload = he.encrypt_model(client, model, LIMITS.max_weight, LIMITS).envelope.to_bytes()
     copies = [he.load_update(server, upload, layout, LIMITS) for _ in range(k)]
-    result = he.decrypt_model(client, he.add_updates(server, copies))
+    result = he.decrypt_model(client, he.add_updates(copies))
     assert result.contributors == k and result.total_weight == k * LIMITS.max_weight
     assert np.array_equal(result.arrays["w"], model["w"])  # K * (±max_quantized), exact
     # The raw sum, slot by slot: exactly K times the one contribution, canaries included.
     one = he.engine._deserialize(client, Envelope.from_bytes(upload))
     again = [he.load_update(server, upload, layout, LIMITS) for _ in range(k)]
-    summed = he.engine._deserialize(client, he.add_updates(server, again))
+    summed = he.engine._deserialize(client, he.add_updates(again))
     for single, total in zip(one, summed, strict=True):
         assert np.array_equal(k * np.array(single.decrypt()), np.array(total.decrypt()))
     # A coefficient modulus one bit short of the noise bound is refused.
@@ -386,9 +382,9 @@ def test_swapped_chunks_are_refused_by_their_canaries(keys) -> None:
     assert len(envelope.chunks) == 4
     chunks = list(envelope.chunks)
     chunks[1], chunks[2] = chunks[2], chunks[1]
-    swapped = Envelope(envelope.scheme, envelope.fingerprint, layout, LIMITS, 1, tuple(chunks))
+    swapped = replace(envelope, chunks=tuple(chunks))
     # Both chunks are full-size, so only the canaries can tell.
-    aggregate = he.add_updates(server, [he.load_update(server, swapped, layout, LIMITS)])
+    aggregate = he.add_updates([he.load_update(server, swapped, layout, LIMITS)])
     with pytest.raises(
         he.InvalidCiphertext, match=r"canary check failed in 2 of 4 chunks \(first: chunk 1\)"
     ):
@@ -399,14 +395,7 @@ def test_swapped_chunks_are_refused_by_their_canaries(keys) -> None:
 
 
 def _forged(envelope: Envelope, chunk: bytes) -> Envelope:
-    return Envelope(
-        envelope.scheme,
-        envelope.fingerprint,
-        envelope.layout,
-        envelope.limits,
-        1,
-        (chunk, *envelope.chunks[1:]),
-    )
+    return replace(envelope, chunks=(chunk, *envelope.chunks[1:]))
 
 
 def test_a_ciphertext_at_another_scale_or_level_is_refused_at_load(keys) -> None:

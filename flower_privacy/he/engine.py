@@ -51,7 +51,6 @@ class EncryptedUpdate:
 
     envelope: Envelope
     clipped: int
-    weight: int
 
 
 def encrypt_model(
@@ -87,7 +86,7 @@ def encrypt_model(
     else:
         ciphertexts = encryptor.encrypt(ctx.scheme, chunks)
     envelope = Envelope(ctx.scheme, ctx.fingerprint, layout, limits, 1, tuple(ciphertexts))
-    return EncryptedUpdate(envelope, clipped, weight)
+    return EncryptedUpdate(envelope, clipped)
 
 
 def canary_cycle(scheme: str, limits: DeclaredLimits) -> int:
@@ -158,7 +157,7 @@ def sum_updates(updates: Sequence[LoadedUpdate]) -> LoadedUpdate:
     return LoadedUpdate(replace(first, contributors=contributors), total)
 
 
-def add_updates(ctx: HEContext, updates: Sequence[LoadedUpdate]) -> Envelope:
+def add_updates(updates: Sequence[LoadedUpdate]) -> Envelope:
     """The encrypted sum of verified updates, serialized (consumes ``updates``)."""
     return sum_updates(updates).to_envelope()
 

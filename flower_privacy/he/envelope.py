@@ -51,11 +51,6 @@ class Envelope:
         ).encode()
         return b"".join([MAGIC, len(header).to_bytes(4, "big"), header, *self.chunks])
 
-    @property
-    def nbytes(self) -> int:
-        """Bytes of the ciphertext chunks alone."""
-        return sum(len(c) for c in self.chunks)
-
     @classmethod
     def from_bytes(cls, data: bytes) -> Envelope:
         """Parse the wire form; raises :class:`InvalidCiphertext` naming the defect."""
@@ -84,13 +79,14 @@ class Envelope:
             raise InvalidCiphertext(f"malformed envelope header ({type(err).__name__})") from None
         if any(n <= 0 for n in lengths) or len(fingerprint) != 32:
             raise InvalidCiphertext("malformed envelope header (chunk lengths or key)")
-        body = data[start + header_len :]
-        if len(body) != sum(lengths):
+        offset = start + header_len
+        body_len = len(data) - offset
+        if body_len != sum(lengths):
             raise InvalidCiphertext(
-                f"truncated or padded ciphertext: {len(body)} bytes, header says {sum(lengths)}"
+                f"truncated or padded ciphertext: {body_len} bytes, header says {sum(lengths)}"
             )
-        chunks, offset = [], 0
+        chunks = []
         for n in lengths:
-            chunks.append(body[offset : offset + n])
+            chunks.append(data[offset : offset + n])
             offset += n
         return cls(scheme, fingerprint, layout, limits, contributors, tuple(chunks))

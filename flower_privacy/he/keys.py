@@ -144,10 +144,6 @@ class HEContext:
             )
         return self
 
-    def public_context(self) -> HEContext:
-        """The same key pair without the secret key (what the server holds)."""
-        return HEContext.from_bytes(self.public_bytes)
-
 
 def make_context(params: HEParameters) -> Any:
     """A fresh TenSEAL context (with a new key pair) for ``params``."""

@@ -56,19 +56,17 @@ class EncryptionPool:
         Serialized TenSEAL context without the secret key.
     workers : int
         Number of processes (>= 1).
-    start_method : str
-        ``multiprocessing`` start method; ``"spawn"`` (default) is safe in threaded
-        hosts such as Ray actors.
     """
 
-    def __init__(self, public_context: bytes, workers: int, start_method: str = "spawn") -> None:
+    def __init__(self, public_context: bytes, workers: int) -> None:
         if isinstance(workers, bool) or not isinstance(workers, int) or workers < 1:
             raise HEConfigError(f"workers must be an integer >= 1, got {workers!r}")
         self.workers = workers
         started = time.perf_counter()
         self._executor = ProcessPoolExecutor(
             max_workers=workers,
-            mp_context=multiprocessing.get_context(start_method),
+            # "spawn" is safe in threaded hosts such as Ray actors.
+            mp_context=multiprocessing.get_context("spawn"),
             initializer=_init_worker,
             initargs=(public_context,),
         )

@@ -112,13 +112,14 @@ class EncryptionMod:
             blob = wire.ciphertext_of(msg.content.array_records[arrays_key])
             if blob is None:
                 raise he.InvalidCiphertext("the server sent a model that is not encrypted")
-            model = he.decrypt_model(ctx, blob, limits=limits)
+            envelope = he.Envelope.from_bytes(blob)
+            model = he.decrypt_model(ctx, envelope, limits=limits)
         except (he.InvalidCiphertext, he.HEConfigError, he.KeyRoleError, KeyError) as err:
             log(ERROR, "encryption_mod: refused the global model (%s): %s", message_type, err)
             return _refusal(msg, FAILED_VERIFICATION)
         if model.clipped:
             log(WARNING, "the last aggregate clipped %d values (all clients)", model.clipped)
-        layout = he.Envelope.from_bytes(blob).layout
+        layout = envelope.layout
         # The app sees the message plain FedAvg would send it.
         content = RecordDict({k: v for k, v in msg.content.items() if k != wire.RECORD})
         content[arrays_key] = ArrayRecord(
@@ -171,7 +172,7 @@ class EncryptionMod:
         """Whether this node must refuse plaintext train and evaluate messages."""
         if self.context_path is not None and not callable(self.context_path):
             return True
-        if context.node_config.get(wire.NODE_CONTEXT) or context.run_config.get(wire.NODE_CONTEXT):
+        if wire.configured_context_path(context):
             return True
         rule = self.require_encryption
         return bool(rule(context)) if callable(rule) else bool(rule)
@@ -182,9 +183,7 @@ class EncryptionMod:
         elif self.context_path is not None:
             path = self.context_path
         else:
-            path = context.node_config.get(wire.NODE_CONTEXT) or context.run_config.get(
-                wire.NODE_CONTEXT
-            )
+            path = wire.configured_context_path(context)
         if not path:
             raise he.HEConfigError(
                 f"no secret context: give the node config {wire.NODE_CONTEXT}=<path to "
@@ -223,7 +222,7 @@ def _refusal(msg: Message, reason: str) -> Message:
     return Message(
         Error(
             code=compat.ErrorCode.MOD_FAILED_PRECONDITION,
-            reason=f"{wire.MOD_NAME} refused ({msg.metadata.message_type}): {reason}",
+            reason=f"{wire.REFUSED} ({msg.metadata.message_type}): {reason}",
         ),
         reply_to=msg,
     )

@@ -148,7 +148,6 @@ class EncryptedFedAvg(StrictRounds):
                 self.limits.clip_range,
             )
         encrypted = wire.ciphertext_record(initial.envelope.to_bytes())
-        self._aggregates, self._sent_model, self._refused = set(), {}, set()
         try:
             result = super().start(
                 grid, encrypted, num_rounds, timeout, train_config, evaluate_config, None
@@ -158,6 +157,11 @@ class EncryptedFedAvg(StrictRounds):
             raise
         self._save(result.arrays)
         return result
+
+    def prepare_run(self, grid: Grid, num_rounds: int) -> None:
+        """Forget the aggregates, sent models and refusals of any earlier run."""
+        self._aggregates, self._sent_model, self._refused = set(), {}, set()
+        super().prepare_run(grid, num_rounds)
 
     def configure_train(
         self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
@@ -192,17 +196,17 @@ class EncryptedFedAvg(StrictRounds):
             except _UnusableReply as err:
                 problems.append(f"node {node}: {err}")
                 log(ERROR, "round %d: rejected reply of node %s: %s", server_round, node, err)
-        if len(usable) < self.min_train_replies:
-            detail = "; ".join(problems) if problems else "no errors reported"
-            if silent:
-                detail += f"; no reply from {len(silent)} node(s)"
-            raise RoundFailedError(
-                server_round,
-                f"{len(usable)} usable encrypted uploads of {len(sent_to)} requested, "
-                f"at least {self.min_train_replies} needed ({detail})",
-            )
+        self._require_usable(
+            server_round,
+            len(usable),
+            sent_to,
+            problems,
+            silent,
+            self.min_train_replies,
+            "encrypted uploads",
+        )
         try:
-            aggregate = he.add_updates(self.context, usable)
+            aggregate = he.add_updates(usable)
         except he.InvalidCiphertext as err:
             raise RoundFailedError(server_round, f"aggregation failed: {err}") from None
         blob = aggregate.to_bytes()
@@ -224,7 +228,7 @@ class EncryptedFedAvg(StrictRounds):
         """Fail loudly when a client refused to decrypt the model; else delegate."""
         replies = list(replies)
         for reply in replies:
-            if reply.has_error() and f"{wire.MOD_NAME} refused" in reply.error.reason:
+            if reply.has_error() and wire.REFUSED in reply.error.reason:
                 self._mark_refused("evaluate", server_round)
                 raise RoundFailedError(
                     server_round, f"node {reply.metadata.src_node_id}: {reply.error.reason}"
@@ -252,7 +256,7 @@ class EncryptedFedAvg(StrictRounds):
         node = reply.metadata.src_node_id
         if reply.has_error():
             reason = reply.error.reason
-            if f"{wire.MOD_NAME} refused" in reason:
+            if wire.REFUSED in reason:
                 # An honest client refuses only a global model that failed its checks
                 # (or a plaintext one, or it has no usable key).
                 self._mark_refused("train", server_round)

@@ -149,16 +149,31 @@ class StrictRounds(Strategy):
                     reply.metadata.src_node_id,
                     problem,
                 )
-        if len(usable) < minimum:
+        self._require_usable(
+            server_round, len(usable), sent_to, problems, silent, minimum, "training replies"
+        )
+        return usable
+
+    @staticmethod
+    def _require_usable(
+        server_round: int,
+        usable_count: int,
+        sent_to: list[int],
+        problems: list[str],
+        silent: list[int],
+        minimum: int,
+        what: str,
+    ) -> None:
+        """Raise :class:`RoundFailedError` if fewer than ``minimum`` ``what`` are usable."""
+        if usable_count < minimum:
             detail = "; ".join(problems) if problems else "no errors reported"
             if silent:
                 detail += f"; no reply from {len(silent)} node(s)"
             raise RoundFailedError(
                 server_round,
-                f"{len(usable)} usable training replies of {len(sent_to)} requested, "
+                f"{usable_count} usable {what} of {len(sent_to)} requested, "
                 f"at least {minimum} needed ({detail})",
             )
-        return usable
 
     def configure_evaluate(
         self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid

@@ -28,6 +28,7 @@ from typing import TYPE_CHECKING
 from flwr.app import Context
 from flwr.common import log
 
+from flower_privacy import _he_wire as wire
 from flower_privacy import he
 from flower_privacy.mods import EncryptionMod
 
@@ -135,9 +136,9 @@ def build_strategy(
 def locate_client_context(context: Context) -> Path:
     """Node config ``he-context``, else run config ``he-context``, else (only with run
     config ``he-simulation-keys = true``) the simulation keys."""
-    path = context.node_config.get("he-context") or context.run_config.get("he-context")
+    path = wire.configured_context_path(context)
     if path:
-        return Path(str(path))
+        return Path(path)
     if not simulation_keys_allowed(context.run_config):
         raise he.HEConfigError(
             "no secret context: give this node --node-config \"he-context='<path to "
