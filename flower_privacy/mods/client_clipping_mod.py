@@ -12,10 +12,11 @@ from __future__ import annotations
 from collections.abc import Callable
 
 import numpy as np
-from flwr.app import Array, ArrayRecord, Context, Error, Message, MetricRecord, RecordDict
+from flwr.app import ArrayRecord, Context, Error, Message, MetricRecord, RecordDict
 
 from flower_privacy import _dp_wire as wire
 from flower_privacy import _flwr_compat as compat
+from flower_privacy._arrays import add_flat
 from flower_privacy.dp.clipping import clip_l2
 
 
@@ -80,12 +81,7 @@ def _clip_update(
         ]
     )
     clipped, was_clipped = clip_l2(delta, clip_norm)
-    out, offset = {}, 0
-    for key, b in zip(global_arrays.keys(), before, strict=True):
-        part = clipped[offset : offset + b.size].reshape(b.shape)
-        out[key] = Array((b.astype(np.float64) + part).astype(b.dtype))
-        offset += b.size
-    return ArrayRecord(out), not was_clipped
+    return add_flat(global_arrays, clipped), not was_clipped
 
 
 def _error(msg: Message, reason: str) -> Message:

@@ -24,12 +24,13 @@ from collections.abc import Iterable
 from logging import INFO, WARNING
 
 import numpy as np
-from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
+from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord
 from flwr.common import log
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import Strategy
 
 from flower_privacy import _dp_wire as wire
+from flower_privacy._arrays import add_flat
 from flower_privacy.dp.accounting import (
     ACCOUNTANTS,
     GaussianRounds,
@@ -365,12 +366,13 @@ class ClientLevelDP(StrictRounds):
         self._clip_used = self.clip_norm
         messages = list(super().configure_train(server_round, arrays, config, grid))
         self._global = arrays
-        self._global_flat = np.concatenate(
-            [a.numpy().astype(np.float64).reshape(-1) for a in arrays.values()]
-        )
-        self._global_norm = float(np.linalg.norm(self._global_flat))
-        self._checked_deltas: dict[int, np.ndarray] = {}
         if self.secure is None:
+            # Updates are computed (and, client placement, checked) against these.
+            self._global_flat = np.concatenate(
+                [a.numpy().astype(np.float64).reshape(-1) for a in arrays.values()]
+            )
+            self._global_norm = float(np.linalg.norm(self._global_flat))
+            self._checked_deltas: dict[int, tuple[np.ndarray, bool]] = {}
             connected = sorted(grid.get_node_ids())
             addressed = sorted(m.metadata.dst_node_id for m in messages)
             if addressed != connected:
@@ -464,7 +466,8 @@ class ClientLevelDP(StrictRounds):
                 f"no {wire.UNCLIPPED!r} metric of 0 or 1: is client_clipping_mod in the "
                 "ClientApp, as ClientApp(mods=[client_clipping_mod])?"
             )
-        delta = self._checked_deltas[id(reply)] = self._delta(reply)
+        delta = self._delta(reply)
+        self._checked_deltas[id(reply)] = (delta, bool(metrics[0][wire.UNCLIPPED]))
         norm = float(np.linalg.norm(delta))
         if norm > self.clip_norm * (1 + _CLIP_SLACK) + 1e-6 * self._global_norm:
             return f"update norm {norm:.6g} exceeds the clip norm {self.clip_norm:.6g}"
@@ -484,44 +487,30 @@ class ClientLevelDP(StrictRounds):
             server_round, replies, minimum=0 if self.empty_rounds_aggregate else None
         )
         assert self._global is not None
-        total = np.zeros(sum(a.numpy().size for a in self._global.values()))
+        total = np.zeros(self._global_flat.size)
         unclipped = 0
         for reply in usable:
-            delta = self._checked_deltas.pop(id(reply), None)
-            if delta is None:
-                delta = self._delta(reply)
-            # Client placement: re-clipping only removes float32 slack (checked above).
-            clipped, was_clipped = clip_l2(delta, self.clip_norm)
             if self.placement == "client":
-                metrics = [r for r in reply.content.metric_records.values() if wire.UNCLIPPED in r]
-                was_clipped = not metrics[0][wire.UNCLIPPED]
-            unclipped += not was_clipped
+                # Checked by _reply_problem; re-clipping only removes float32 slack.
+                delta, fitted = self._checked_deltas.pop(id(reply))
+                clipped, _ = clip_l2(delta, self.clip_norm)
+            else:
+                clipped, was_clipped = clip_l2(self._delta(reply), self.clip_norm)
+                fitted = not was_clipped
+            unclipped += fitted
             total += clipped
         mean_delta = self._noisy_mean(total / self.expected_clients)
-        weight_key = str(getattr(self.strategy, "weighted_by_key", "num-examples"))
-        synthetic = Message(RecordDict(), dst_node_id=0, message_type="train")
-        synthetic.content = RecordDict(
-            {
-                str(getattr(self.strategy, "arrayrecord_key", "arrays")): _apply(
-                    self._global, mean_delta
-                ),
-                "metrics": MetricRecord({weight_key: 1}),
-            }
-        )
         # The inner strategy's own metrics are aggregates of clients' un-noised
         # metrics: they are not released.
-        arrays, _ = self.strategy.aggregate_train(server_round, [synthetic])
-        if arrays is None:
-            raise RoundFailedError(
-                server_round, f"{type(self.strategy).__name__} returned no model"
-            )
+        arrays, _ = self._aggregate_as_one_reply(
+            server_round, add_flat(self._global, mean_delta), weight=1
+        )
         self._update_clip(unclipped, len(usable))
         return arrays
 
     def _noisy_mean(self, mean_delta: np.ndarray) -> np.ndarray:
         """Mean of clipped updates (sum over m) plus N(0, (z_Δ·C/m)²) per coordinate."""
         assert self.expected_clients is not None and self.update_noise_multiplier is not None
-        self._clip_used = self.clip_norm
         std = self.update_noise_multiplier * self.clip_norm / self.expected_clients
         return add_gaussian_noise(mean_delta, std, self._rng)
 
@@ -534,16 +523,6 @@ class ClientLevelDP(StrictRounds):
         fraction = noisy_unclipped_fraction(unclipped, participants, self.expected_clients, noise)
         self._unclipped_fraction = fraction
         self.clip_norm = self.adaptive.next_clip_norm(self.clip_norm, fraction)
-
-
-def _apply(global_arrays: ArrayRecord, mean_delta: np.ndarray) -> ArrayRecord:
-    out, offset = {}, 0
-    for key, array in global_arrays.items():
-        before = array.numpy()
-        part = mean_delta[offset : offset + before.size].reshape(before.shape)
-        out[key] = Array((before.astype(np.float64) + part).astype(before.dtype))
-        offset += before.size
-    return ArrayRecord(out)
 
 
 def _check_inner(

@@ -90,8 +90,6 @@ class EncryptedFedAvg(StrictRounds):
         self.limits = he.DeclaredLimits(max_clients, max_weight, clip_range, precision_bits)
         self.context.check_limits(self.limits)
         self.save_path = None if save_path is None else Path(save_path)
-        self.arrays_key = str(getattr(strategy, "arrayrecord_key", "arrays"))
-        self.weight_key = str(getattr(strategy, "weighted_by_key", "num-examples"))
         self.layout: he.Layout | None = None
         # Digests of the aggregates made, of the model sent per (stage, round) and of
         # the models a client refused: save_path gets only an aggregate nobody refused.

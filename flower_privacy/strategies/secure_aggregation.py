@@ -13,7 +13,7 @@ from collections.abc import Iterable
 from logging import INFO, WARNING
 
 import numpy as np
-from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
+from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
 from flwr.common import log
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import (
@@ -35,6 +35,7 @@ from flwr.serverapp.strategy import (
 )
 
 from flower_privacy import _secagg_wire as wire
+from flower_privacy._arrays import add_flat
 from flower_privacy.dp.distributed import DistributedNoiseEncoding
 from flower_privacy.errors import RoundFailedError
 from flower_privacy.secagg import protocol
@@ -164,8 +165,6 @@ class SecureAggregation(StrictRounds):
         self.selection_seed = selection_seed
         self.plan: GroupPlan | None = None
         self.protocol = self._new_protocol()
-        self.arrays_key = str(getattr(strategy, "arrayrecord_key", "arrays"))
-        self.weight_key = str(getattr(strategy, "weighted_by_key", "num-examples"))
         self._grid: Grid | None = None
         self._stage_notes: list[str] = []
         self._global: ArrayRecord | None = None
@@ -354,18 +353,12 @@ class SecureAggregation(StrictRounds):
         denominator = self.uniform_denominator or result.weight
         decoder = self.encoding if self.encoding is not None else self.quantizer
         mean_delta = decoder.decode_sum(result.total, denominator)
-        synthetic = survivors_replies[0]
-        synthetic.content = RecordDict(
-            {
-                self.arrays_key: self._apply(mean_delta),
-                "metrics": MetricRecord({self.weight_key: result.weight}),
-            }
+        arrays, metrics = self._aggregate_as_one_reply(
+            server_round,
+            add_flat(self._global, mean_delta),
+            result.weight,
+            survivors_replies[0],
         )
-        arrays, metrics = self.strategy.aggregate_train(server_round, [synthetic])
-        if arrays is None:
-            raise RoundFailedError(
-                server_round, f"{type(self.strategy).__name__} returned no model"
-            )
         metrics = MetricRecord(dict(metrics or {}))
         metrics.update(
             {
@@ -404,19 +397,6 @@ class SecureAggregation(StrictRounds):
         return arrays, metrics
 
     # -- internals ---------------------------------------------------------------------
-
-    def _apply(self, mean_delta: np.ndarray) -> ArrayRecord:
-        assert self._global is not None
-        out, offset = {}, 0
-        for key, array in self._global.items():
-            before = array.numpy()
-            size = before.size
-            after = before.astype(np.float64) + mean_delta[offset : offset + size].reshape(
-                before.shape
-            )
-            out[key] = Array(after.astype(before.dtype))
-            offset += size
-        return ArrayRecord(out)
 
     def _ensure_keys(self, server_round: int, population: list[int]) -> list[int]:
         """Key set-up for new or re-keyed nodes; returns the keyed population."""

@@ -16,7 +16,7 @@ from collections.abc import Callable, Iterable
 from logging import ERROR, INFO, WARNING
 
 import numpy as np
-from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord
+from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
 from flwr.common import log
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import Strategy
@@ -69,6 +69,9 @@ class StrictRounds(Strategy):
         if not node_wait_timeout > 0:
             raise ValueError(f"node_wait_timeout must be > 0 seconds, got {node_wait_timeout}")
         self.strategy = strategy
+        # Where the inner strategy puts the model and the weight in its messages.
+        self.arrays_key = str(getattr(strategy, "arrayrecord_key", "arrays"))
+        self.weight_key = str(getattr(strategy, "weighted_by_key", "num-examples"))
         self.min_train_replies = min_train_replies
         self.max_failed_rounds = max_failed_rounds
         self.node_wait_timeout = node_wait_timeout
@@ -113,6 +116,26 @@ class StrictRounds(Strategy):
             )
         self._check_finite(server_round, arrays)
         return arrays, metrics
+
+    def _aggregate_as_one_reply(
+        self, server_round: int, arrays: ArrayRecord, weight: int, reply: Message | None = None
+    ) -> tuple[ArrayRecord, MetricRecord | None]:
+        """The inner strategy's aggregate of a single reply carrying ``arrays``.
+
+        For wrappers that compute the mean themselves: the inner strategy's own step
+        (e.g. FedAdam's) still applies. ``reply`` is reused as the envelope if given.
+        """
+        if reply is None:
+            reply = Message(RecordDict(), dst_node_id=0, message_type="train")
+        reply.content = RecordDict(
+            {self.arrays_key: arrays, "metrics": MetricRecord({self.weight_key: weight})}
+        )
+        aggregated, metrics = self.strategy.aggregate_train(server_round, [reply])
+        if aggregated is None:
+            raise RoundFailedError(
+                server_round, f"{type(self.strategy).__name__} returned no model"
+            )
+        return aggregated, metrics
 
     @staticmethod
     def _check_finite(server_round: int, arrays: ArrayRecord) -> None:
