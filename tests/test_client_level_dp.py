@@ -304,6 +304,26 @@ def test_distributed_noise_recovers_the_clipped_mean() -> None:
     assert result.train_metrics_clientapp[2]["dp-epsilon"] <= 3.0
 
 
+def test_a_second_run_is_not_charged_for_the_first_runs_unmasking() -> None:
+    from conftest import stage_filter
+
+    dim, n = 64, 6
+    strategy = _distributed(n, 4)
+    first = InProcessGrid(make_toy_client_app(dim=dim, mods=[secagg_mod]), num_nodes=n)
+    strategy.start(first, initial_arrays(dim), num_rounds=1)
+    assert strategy.released == 1
+    # Round 1 of the second run fails before anything is unmasked (3 uploads, 4 needed).
+    second = InProcessGrid(make_toy_client_app(dim=dim, mods=[secagg_mod]), num_nodes=n)
+    for node in list(second.contexts)[:3]:
+        second.drop_node(node, when=stage_filter("train", 1), unlist=False)
+    try:
+        result = strategy.start(second, initial_arrays(dim), num_rounds=1)
+    except RunHaltedError as err:
+        result = err.result
+    assert "masked uploads" in result.failed_rounds[1]
+    assert strategy.released == 0
+
+
 def test_distributed_placement_refuses_sampling_it_cannot_account() -> None:
     inner = SecureAggregation(_fedavg(), weighting="uniform")
     with pytest.raises(ValueError, match="amplification by sampling does not hold"):

@@ -223,6 +223,7 @@ class SecureAggregation(StrictRounds):
     def prepare_run(self, grid: Grid, num_rounds: int) -> None:
         """Every run is a new protocol run (fresh keys)."""
         self.protocol = self._new_protocol()
+        self.unmasked_round = None
         super().prepare_run(grid, num_rounds)
 
     def summary(self) -> None:
