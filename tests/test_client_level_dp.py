@@ -333,11 +333,7 @@ def test_distributed_placement_refuses_sampling_it_cannot_account() -> None:
 
 
 def test_a_round_with_nobody_sampled_still_releases_noise() -> None:
-    grid = InProcessGrid(make_toy_client_app(dim=64), num_nodes=N)
-    strategy = ClientLevelDP(
-        _fedavg(), noise_multiplier=1.0, sampling_rate=1e-6, accountant="rdp", seed=8
-    )
-    result = strategy.start(grid, initial_arrays(64), num_rounds=1)
+    _, grid, result = _run("central", 64, 1, noise_multiplier=1.0, sampling_rate=1e-6, seed=8)
     assert not [e for e in grid.transcript if e.message_type == "train"]
     assert not result.failed_rounds and "dp-epsilon" in result.train_metrics_clientapp[1]
     # Noise alone moved the model: std z·C/m with m = q·N = 1e-5 expected clients.

@@ -2,26 +2,22 @@
 
 from __future__ import annotations
 
-import logging
+import functools
 import math
 import re
-import tomllib
 
 import numpy as np
 import pytest
 import torch
-from conftest import DIGITS_APP
 from digits_app import dp_sgd, server_app, task
 from digits_app.client_app import app as client_app
 from flwr.app import MetricRecord, RecordDict
 from opacus.accountants import RDPAccountant
+from test_digits_app import DEFAULTS
 
 from flower_privacy.dp.accounting import GaussianRounds, epsilon
-from flower_privacy.testing import InProcessGrid
+from flower_privacy.testing import InProcessGrid, capture_log_lines
 
-DEFAULTS = tomllib.loads((DIGITS_APP / "pyproject.toml").read_text())["tool"]["flwr"]["app"][
-    "config"
-]
 # Measured (5 rounds, 10 IID nodes, noise multiplier 1.0): final central accuracy
 # 0.84-0.86, max client ε 20.2 at δ = 1e-5; plain FedAvg reaches 0.95.
 ACCURACY_RUN = {
@@ -36,25 +32,11 @@ ACCURACY_RUN = {
 EPSILON_LINE = re.compile(r"DP-SGD: sample-level ε = ([0-9.]+) at δ = (\S+) \(max over (\d+)")
 
 
-class _Lines(logging.Handler):
-    def __init__(self) -> None:
-        super().__init__()
-        self.lines: list[str] = []
-
-    def emit(self, record: logging.LogRecord) -> None:
-        self.lines.append(record.getMessage())
-
-
-def _run(cfg: dict, num_nodes: int) -> tuple[InProcessGrid, list[str]]:
-    grid = InProcessGrid(client_app, num_nodes=num_nodes, run_config=cfg)
-    handler = _Lines()
-    logger = logging.getLogger("flwr")
-    logger.addHandler(handler)
-    try:
+def _run(cfg: dict) -> tuple[InProcessGrid, list[str]]:
+    grid = InProcessGrid(client_app, num_nodes=int(cfg["min-nodes"]), run_config=cfg)
+    with capture_log_lines() as lines:
         grid.run_server_app(server_app.app)
-    finally:
-        logger.removeHandler(handler)
-    return grid, handler.lines
+    return grid, lines
 
 
 def _train_replies(grid: InProcessGrid) -> dict[int, dict[int, MetricRecord]]:
@@ -86,18 +68,17 @@ def _expected_history(grid: InProcessGrid, node_id: int, cfg: dict, times_traine
     return float(cfg["dp-sgd-noise-multiplier"]), 1 / batches, steps
 
 
-def _opacus_epsilon(history: tuple[float, float, int], delta: float, cache: dict) -> float:
-    if (history, delta) not in cache:
-        accountant = RDPAccountant()
-        accountant.history = [history]
-        cache[history, delta] = accountant.get_epsilon(delta=delta)
-    return cache[history, delta]
+@functools.cache
+def _opacus_epsilon(history: tuple[float, float, int], delta: float) -> float:
+    accountant = RDPAccountant()
+    accountant.history = [history]
+    return accountant.get_epsilon(delta=delta)
 
 
 @pytest.fixture(scope="module")
 def accuracy_run() -> tuple[dict, InProcessGrid, list[str]]:
     cfg = {**DEFAULTS, **ACCURACY_RUN}
-    grid, lines = _run(cfg, num_nodes=10)
+    grid, lines = _run(cfg)
     return cfg, grid, lines
 
 
@@ -127,18 +108,18 @@ def test_every_client_reports_a_growing_finite_epsilon_every_round(accuracy_run)
 def test_reported_epsilon_matches_an_independent_accountant(accuracy_run) -> None:  # noqa: ANN001
     cfg, grid, _ = accuracy_run
     delta = float(cfg["dp-sgd-delta"])
-    cache: dict = {}
-    for rnd, by_node in _train_replies(grid).items():
+    replies = _train_replies(grid)
+    for rnd, by_node in replies.items():
         for node_id, metrics in by_node.items():
             history = _expected_history(grid, node_id, cfg, times_trained=rnd)
             reported = metrics[dp_sgd.METRIC_EPSILON]
             # Opacus's own RDP accountant, fed the history implied by the partition size.
-            assert reported == pytest.approx(_opacus_epsilon(history, delta, cache), rel=1e-9)
+            assert reported == pytest.approx(_opacus_epsilon(history, delta), rel=1e-9)
     # dp-accounting's RDP (another implementation) agrees to within its choice of orders.
     last = max(grid.contexts)
     z, q, steps = _expected_history(grid, last, cfg, int(cfg["num-server-rounds"]))
     independent = epsilon(GaussianRounds(z, q, steps), delta, accountant="rdp")
-    reported = _train_replies(grid)[int(cfg["num-server-rounds"])][last][dp_sgd.METRIC_EPSILON]
+    reported = replies[int(cfg["num-server-rounds"])][last][dp_sgd.METRIC_EPSILON]
     assert reported == pytest.approx(independent, rel=0.02)
 
 
@@ -179,15 +160,14 @@ def test_accountant_persists_across_rounds_a_node_skips() -> None:
         "min-nodes": 3,
         "local-epochs": 1,
     }
-    grid, _ = _run(cfg, num_nodes=3)
+    grid, _ = _run(cfg)
     replies = _train_replies(grid)
     times: dict[int, int] = {}
-    cache: dict = {}
     for rnd in sorted(replies):
         ((node_id, metrics),) = replies[rnd].items()
         times[node_id] = times.get(node_id, 0) + 1
         history = _expected_history(grid, node_id, cfg, times_trained=times[node_id])
-        expected = _opacus_epsilon(history, float(cfg["dp-sgd-delta"]), cache)
+        expected = _opacus_epsilon(history, float(cfg["dp-sgd-delta"]))
         assert metrics[dp_sgd.METRIC_EPSILON] == pytest.approx(expected, rel=1e-9)
     # With 4 rounds and 3 nodes some node trained twice: its ε covers both rounds.
     assert max(times.values()) >= 2
@@ -271,7 +251,7 @@ def test_the_app_path_uses_fresh_noise_every_run() -> None:
     updates = []
     for _ in range(2):
         torch.manual_seed(0)
-        grid, _ = _run(cfg, num_nodes=2)
+        grid, _ = _run(cfg)
         reply = next(
             e.message for e in grid.transcript if e.direction == "from-node" and e.node_id == 1001
         )

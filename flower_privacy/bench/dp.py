@@ -29,7 +29,7 @@ from flower_privacy.bench.secagg import fixed_update_app
 from flower_privacy.dp.accounting import GaussianRounds, epsilon
 from flower_privacy.mods import client_clipping_mod, secagg_mod
 from flower_privacy.strategies import ClientLevelDP, SecureAggregation, StrictRounds
-from flower_privacy.testing import InProcessGrid
+from flower_privacy.testing import InProcessGrid, capture_log_lines
 
 _DIGITS = Path(__file__).resolve().parents[2] / "apps" / "digits"
 DELTA = 1e-5
@@ -40,33 +40,19 @@ def _digits_config(**overrides: object) -> dict:
     return {**cfg, **overrides}
 
 
-class _Capture(logging.Handler):
-    def __init__(self) -> None:
-        super().__init__()
-        self.lines: list[str] = []
-
-    def emit(self, record: logging.LogRecord) -> None:
-        self.lines.append(record.getMessage())
-
-
 def _digits_accuracy(cfg: dict) -> tuple[float, list[str]]:
     if str(_DIGITS) not in sys.path:
         sys.path.insert(0, str(_DIGITS))
     from digits_app import server_app
     from digits_app.client_app import app as client_app
 
-    capture = _Capture()
-    logger = logging.getLogger("flwr")
-    logger.addHandler(capture)
-    try:
+    with capture_log_lines() as lines:
         grid = InProcessGrid(client_app, num_nodes=int(cfg["min-nodes"]), run_config=cfg)
         grid.run_server_app(server_app.app)
-    finally:
-        logger.removeHandler(capture)
-    finals = [line for line in capture.lines if line.startswith("final accuracy:")]
+    finals = [line for line in lines if line.startswith("final accuracy:")]
     if not finals:
         raise RuntimeError("the digits run logged no final accuracy")
-    return float(finals[-1].split(":")[1]), capture.lines
+    return float(finals[-1].split(":")[1]), lines
 
 
 def utility(

@@ -19,6 +19,8 @@ from flower_privacy.harness.processes import command, venv_environ
 
 _RUN_STARTED = re.compile(r"Successfully started run (\d+)")
 _FINAL_ACCURACY = re.compile(r"final accuracy: ([0-9]*\.?[0-9]+)")
+# How often ``status`` asks a briefly unreachable SuperLink, two seconds apart.
+_STATUS_ATTEMPTS = 5
 # Log lines after which a run can never finish; the run is stopped at once.
 FATAL_LOG_MARKERS = {
     "ActorPool is empty": (
@@ -150,13 +152,13 @@ class FlowerCli:
         outcome.wall_seconds = time.monotonic() - t_start
         return outcome
 
-    def status(self, run_id: int, connection: str, attempts: int = 5) -> tuple[str, str]:
+    def status(self, run_id: int, connection: str) -> tuple[str, str]:
         """(status, status-details) of a run from ``flwr ls --format json``.
 
         A SuperLink that is briefly unreachable (a busy machine) is asked again, up to
-        ``attempts`` times two seconds apart.
+        ``_STATUS_ATTEMPTS`` times two seconds apart.
         """
-        for attempt in range(attempts):
+        for attempt in range(_STATUS_ATTEMPTS):
             res = subprocess.run(
                 [command("flwr"), "ls", connection, "--run-id", str(run_id), "--format", "json"],
                 capture_output=True,
@@ -169,7 +171,11 @@ class FlowerCli:
             except json.JSONDecodeError as err:
                 raise RuntimeError(f"flwr ls gave no JSON: {res.stdout!r} {res.stderr!r}") from err
             message = str(payload.get("error-message", payload))
-            if payload.get("success") or "unavailable" not in message or attempt == attempts - 1:
+            if (
+                payload.get("success")
+                or "unavailable" not in message
+                or attempt == _STATUS_ATTEMPTS - 1
+            ):
                 break
             time.sleep(2.0)
         if not payload.get("success"):
