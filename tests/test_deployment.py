@@ -105,10 +105,13 @@ def test_secure_aggregation_through_a_real_deployment(no_leftover_processes, cap
     with LocalDeployment(3) as deployment:
         outcome = deployment.run(
             SYNTHETIC_APP,
-            run_config=["num-params=10000 num-server-rounds=2 privacy='secagg'"],
+            run_config=[
+                "num-params=10000 num-server-rounds=2 privacy='secagg' secagg-group-size=3"
+            ],
             timeout=540,
             on_line=watch,
         )
     assert_completed(outcome)
     assert sum("securely aggregated 3 clients" in line for line in outcome.log) == 2
+    assert any("'secagg-privacy-t': 3" in line for line in outcome.log)
     _print_round_times("deployment secagg, round 1 includes key set-up", times, capsys)

@@ -49,7 +49,10 @@ def main(grid: Grid, context: Context) -> None:
     privacy = str(cfg["privacy"])
     if privacy in ("secagg", "secagg-consistency"):
         consistency = privacy == "secagg-consistency"
-        strategy = SecureAggregation(inner, max_weight=100, consistency_check=consistency)
+        group_size = int(cfg.get("secagg-group-size", 0))
+        strategy = SecureAggregation(
+            inner, max_weight=100, consistency_check=consistency, group_size=group_size or None
+        )
     elif privacy == "none":
         strategy = StrictRounds(inner)
     else:
