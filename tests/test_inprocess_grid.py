@@ -151,3 +151,46 @@ def test_a_node_can_miss_only_the_messages_that_match() -> None:
     assert 1001 in grid.get_node_ids()
     with pytest.raises(ValueError, match="only_matching needs"):
         grid.drop_node(1001, only_matching=True)
+
+
+def _pushed(grid: InProcessGrid) -> list[str]:
+    content = RecordDict({"arrays": initial_arrays(), "config": ConfigRecord()})
+    return list(grid.push_messages([Message(content, n, "train") for n in grid.get_node_ids()]))
+
+
+def test_pull_messages_takes_the_141_and_the_143_spellings() -> None:
+    grid = InProcessGrid(make_toy_client_app(), num_nodes=3)
+    first, second, third = _pushed(grid)
+    # 1.41/1.42: positional; 1.43: reply_to_message_ids, message_ids a deprecated alias.
+    (reply,) = grid.pull_messages([first])
+    assert reply.metadata.reply_to_message_id == first
+    (reply,) = grid.pull_messages(reply_to_message_ids=[second])
+    assert reply.metadata.reply_to_message_id == second
+    with pytest.warns(DeprecationWarning, match="message_ids"):
+        (reply,) = grid.pull_messages(message_ids=iter([third]))
+    assert reply.metadata.reply_to_message_id == third
+    assert list(grid.pull_messages([first, second, third])) == []  # pulled once only
+    with pytest.raises(TypeError, match="only one of"):
+        grid.pull_messages([first], message_ids=[first])
+
+
+def test_pull_messages_without_a_filter_takes_all_and_an_empty_one_nothing() -> None:
+    grid = InProcessGrid(make_toy_client_app(), num_nodes=3)
+    ids = _pushed(grid)
+    assert list(grid.pull_messages([])) == []
+    assert list(grid.pull_messages(reply_to_message_ids=())) == []
+    replies = grid.pull_messages()
+    assert sorted(r.metadata.reply_to_message_id for r in replies) == sorted(ids)
+    assert list(grid.pull_messages()) == []
+
+
+def test_the_grid_records_timeouts_and_ttls() -> None:
+    grid = InProcessGrid(make_toy_client_app(), num_nodes=2)
+    content = RecordDict({"arrays": initial_arrays(), "config": ConfigRecord()})
+    grid.send_and_receive([Message(content, 1001, "train", ttl=12.0)], timeout=7.0)
+    grid.send_and_receive([Message(content, 1002, "train")])
+    assert grid.timeouts == [7.0, None]
+    to_node = [e.ttl for e in grid.transcript if e.direction == "to-node"]
+    assert to_node[0] == 12.0 and to_node[1] > 12.0  # Flower's default TTL
+    replies = [e.ttl for e in grid.transcript if e.direction == "from-node"]
+    assert 0 < replies[0] <= 12.0

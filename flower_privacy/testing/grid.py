@@ -3,12 +3,17 @@
 It calls a ``ClientApp`` synchronously for every message, with one persistent
 ``Context`` per node, exactly as a SuperNode would across rounds. It can take nodes
 offline at a chosen point, let a test rewrite server-to-node messages (to play a
-malicious server), and keeps the full transcript. No Ray, no processes, no sockets.
+malicious server), and keeps the full transcript, the timeouts it was asked to wait
+and the TTL of every message pushed. No Ray, no processes, no sockets.
+
+It accepts both Flower 1.41/1.42's ``pull_messages(message_ids)`` and 1.43's
+``pull_messages(reply_to_message_ids=None, *, message_ids=None)``.
 """
 
 from __future__ import annotations
 
 import copy
+import warnings
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from typing import Literal
@@ -31,6 +36,8 @@ class TranscriptEntry:
     node_id: int
     message_type: str
     message: Message
+    ttl: float
+    """The message's TTL in seconds, as pushed (to-node) or as replied (from-node)."""
 
 
 @dataclass
@@ -61,6 +68,14 @@ class InProcessGrid(Grid):
         (catches values that only work in memory). On by default.
     node_configs : Sequence[UserConfig] | None
         Extra ``node_config`` entries per node (e.g. key file paths), in node order.
+
+    Attributes
+    ----------
+    transcript : list[TranscriptEntry]
+        Every message that crossed the grid, in order, with its TTL.
+    timeouts : list[float | None]
+        The ``timeout`` of every :meth:`send_and_receive` call, in order (None when
+        the caller gave none, i.e. wait forever).
     """
 
     def __init__(
@@ -98,6 +113,7 @@ class InProcessGrid(Grid):
             for index, node_id in enumerate(ids)
         }
         self.transcript: list[TranscriptEntry] = []
+        self.timeouts: list[float | None] = []
         self._run = compat.empty_run(run_id)
         self._replies: dict[str, Message] = {}
         self._drops: dict[int, _Drop] = {}
@@ -212,12 +228,34 @@ class InProcessGrid(Grid):
             self._replies[message_id] = reply
         return message_ids
 
-    def pull_messages(self, message_ids: Iterable[str]) -> Iterable[Message]:
-        return [self._replies.pop(mid) for mid in list(message_ids) if mid in self._replies]
+    def pull_messages(
+        self,
+        reply_to_message_ids: Iterable[str] | None = None,
+        *,
+        message_ids: Iterable[str] | None = None,
+    ) -> Iterable[Message]:
+        """Replies to the given message ids (all pending replies if None), as in 1.43.
+
+        ``message_ids`` is the deprecated 1.43 alias (a positional call, as 1.41/1.42
+        make it, fills ``reply_to_message_ids``); giving both raises ``TypeError``.
+        An empty iterable matches nothing. Pulled replies are not returned again.
+        """
+        if message_ids is not None:
+            if reply_to_message_ids is not None:
+                raise TypeError("Specify only one of `reply_to_message_ids` and `message_ids`.")
+            warnings.warn(
+                "`message_ids` is deprecated. Use `reply_to_message_ids` instead.",
+                DeprecationWarning,
+                stacklevel=2,
+            )
+            reply_to_message_ids = message_ids
+        wanted = list(self._replies) if reply_to_message_ids is None else reply_to_message_ids
+        return [self._replies.pop(mid) for mid in list(wanted) if mid in self._replies]
 
     def send_and_receive(
         self, messages: Iterable[Message], *, timeout: float | None = None
     ) -> Iterable[Message]:
+        self.timeouts.append(timeout)
         # Delivery is synchronous: every reply that will ever come is already here.
         return self.pull_messages(self.push_messages(messages))
 
@@ -254,6 +292,10 @@ class InProcessGrid(Grid):
     ) -> None:
         self.transcript.append(
             TranscriptEntry(
-                direction, node_id, message.metadata.message_type, copy.deepcopy(message)
+                direction,
+                node_id,
+                message.metadata.message_type,
+                copy.deepcopy(message),
+                float(message.metadata.ttl),
             )
         )
