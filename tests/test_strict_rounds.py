@@ -203,3 +203,40 @@ def test_a_model_refused_at_evaluation_is_rolled_back_and_recorded() -> None:
     with pytest.raises(RunHaltedError, match="evaluation refused") as info:
         RefusedInRoundTwo(_fedavg(2)).start(grid, initial_arrays(), num_rounds=3)
     np.testing.assert_allclose(info.value.result.arrays["w"].numpy(), 5 / 3, rtol=1e-6)
+
+
+def test_should_stop_ends_the_run_after_the_round_it_returns_true() -> None:
+    grid = InProcessGrid(make_toy_client_app(), num_nodes=3)
+    seen: list[tuple[int, list[int]]] = []
+
+    def should_stop(server_round: int, result) -> bool:  # noqa: ANN001
+        seen.append((server_round, sorted(result.train_metrics_clientapp)))
+        return server_round == 2
+
+    result = StrictRounds(_fedavg(3)).start(
+        grid, initial_arrays(), num_rounds=5, timeout=5, should_stop=should_stop
+    )
+    # Called after each round (never for round 0) with what was collected so far.
+    assert seen == [(1, [1]), (2, [1, 2])]
+    assert sorted(result.evaluate_metrics_clientapp) == [1, 2]
+    assert result.halt_reason == "should_stop returned True after round 2"
+    np.testing.assert_allclose(result.arrays["w"].numpy(), 2 * 14 / 6, rtol=1e-6)
+    sent = [e.message for e in grid.transcript if e.direction == "to-node"]
+    assert {m.content["config"]["server-round"] for m in sent} == {1, 2}
+
+
+def test_should_stop_sees_tolerated_failed_rounds_and_false_runs_to_the_end() -> None:
+    failing = _app_with(
+        lambda pid, rnd, w: {"w": w + 1} if rnd != 2 else {"w": np.full_like(w, np.nan)}
+    )
+    seen: list[tuple[int, list[int]]] = []
+
+    def never(server_round: int, result) -> bool:  # noqa: ANN001
+        seen.append((server_round, sorted(result.failed_rounds)))
+        return False
+
+    result = StrictRounds(_fedavg(2), max_failed_rounds=1).start(
+        InProcessGrid(failing, num_nodes=2), initial_arrays(), num_rounds=3, should_stop=never
+    )
+    assert seen == [(1, []), (2, [2]), (3, [2])]
+    assert result.halt_reason is None and sorted(result.failed_rounds) == [2]

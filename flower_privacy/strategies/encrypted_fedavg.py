@@ -20,7 +20,7 @@ from pathlib import Path
 from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord
 from flwr.common import log
 from flwr.serverapp import Grid
-from flwr.serverapp.strategy import FedAvg, FedProx, Strategy
+from flwr.serverapp.strategy import FedAvg, FedProx, Result, Strategy
 
 from flower_privacy import _he_wire as wire
 from flower_privacy import he
@@ -123,12 +123,14 @@ class EncryptedFedAvg(StrictRounds):
         train_config: ConfigRecord | None = None,
         evaluate_config: ConfigRecord | None = None,
         evaluate_fn: Callable[[int, ArrayRecord], MetricRecord | None] | None = None,
+        should_stop: Callable[[int, Result], bool] | None = None,
     ) -> PrivacyResult:
         """Encrypt the (public) initial model, then run like :meth:`StrictRounds.start`.
 
         ``result.arrays`` holds the *encrypted* final model (see
         :func:`encrypted_model_bytes`). ``evaluate_fn`` is refused: the server cannot
-        evaluate a model it cannot read; evaluation is federated.
+        evaluate a model it cannot read; evaluation is federated. ``should_stop`` sees
+        the result so far (encrypted model, federated metrics) after each round.
         """
         if evaluate_fn is not None:
             raise ValueError(
@@ -148,7 +150,14 @@ class EncryptedFedAvg(StrictRounds):
         encrypted = wire.ciphertext_record(initial.envelope.to_bytes())
         try:
             result = super().start(
-                grid, encrypted, num_rounds, timeout, train_config, evaluate_config, None
+                grid,
+                encrypted,
+                num_rounds,
+                timeout,
+                train_config,
+                evaluate_config,
+                None,
+                should_stop=should_stop,
             )
         except RunHaltedError as err:
             self._save(err.result.arrays)

@@ -19,7 +19,7 @@ import numpy as np
 from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
 from flwr.common import log
 from flwr.serverapp import Grid
-from flwr.serverapp.strategy import Strategy
+from flwr.serverapp.strategy import Result, Strategy
 
 from flower_privacy.errors import NotEnoughNodesError, RoundFailedError, RunHaltedError
 from flower_privacy.strategies.result import PrivacyResult
@@ -236,19 +236,21 @@ class StrictRounds(Strategy):
         train_config: ConfigRecord | None = None,
         evaluate_config: ConfigRecord | None = None,
         evaluate_fn: Callable[[int, ArrayRecord], MetricRecord | None] | None = None,
+        should_stop: Callable[[int, Result], bool] | None = None,
     ) -> PrivacyResult:
         """Run ``num_rounds`` rounds like ``Strategy.start``, but never fail silently.
 
         A round that yields no model is recorded in ``result.failed_rounds`` and
         logged; more than ``max_failed_rounds`` consecutive failures raise
-        :class:`RunHaltedError` carrying the partial result. Returns a
-        :class:`PrivacyResult`.
+        :class:`RunHaltedError` carrying the partial result. ``timeout`` bounds every
+        exchange of every wrapped layer and is the TTL of every message sent (see
+        :meth:`set_round_timeout`). ``should_stop(round, result)``, as in Flower 1.43,
+        is called after each round (not round 0); True ends the run cleanly with what
+        was collected, noted in ``result.halt_reason``. Returns a :class:`PrivacyResult`.
         """
         if num_rounds < 1:
             raise ValueError(f"num_rounds must be >= 1, got {num_rounds}")
-        if not timeout > 0:
-            raise ValueError(f"timeout must be > 0 seconds, got {timeout}")
-        self.round_timeout = timeout  # wrappers run extra exchanges within a round
+        self.set_round_timeout(timeout)
         train_config = ConfigRecord() if train_config is None else train_config
         evaluate_config = ConfigRecord() if evaluate_config is None else evaluate_config
         log(INFO, "Starting %s strategy for %d rounds:", type(self).__name__, num_rounds)
@@ -276,25 +278,33 @@ class StrictRounds(Strategy):
             except (RoundFailedError, NotEnoughNodesError) as err:
                 consecutive_failures += 1
                 self._record_failure(result, server_round, err, consecutive_failures)
-                continue
-            previous, arrays = arrays, new_arrays
-            result.arrays = arrays
-            if train_metrics is not None:
-                log(INFO, "\t└──> Aggregated MetricRecord: %s", train_metrics)
-                result.train_metrics_clientapp[server_round] = train_metrics
-            try:
-                self._evaluate_round(grid, server_round, arrays, evaluate_config, timeout, result)
-            except RoundFailedError as err:
-                # The nodes refused the new model (e.g. it failed their checks): roll back.
-                arrays = result.arrays = previous
-                consecutive_failures += 1
-                self._record_failure(
-                    result, server_round, err, consecutive_failures, "evaluation refused"
-                )
-                continue
-            consecutive_failures = 0
-            if evaluate_fn:
-                self._evaluate_centrally(evaluate_fn, server_round, arrays, result)
+            else:
+                previous, arrays = arrays, new_arrays
+                result.arrays = arrays
+                if train_metrics is not None:
+                    log(INFO, "\t└──> Aggregated MetricRecord: %s", train_metrics)
+                    result.train_metrics_clientapp[server_round] = train_metrics
+                try:
+                    self._evaluate_round(
+                        grid, server_round, arrays, evaluate_config, timeout, result
+                    )
+                except RoundFailedError as err:
+                    # The nodes refused the new model (e.g. it failed their checks): roll back.
+                    arrays = result.arrays = previous
+                    consecutive_failures += 1
+                    self._record_failure(
+                        result, server_round, err, consecutive_failures, "evaluation refused"
+                    )
+                else:
+                    consecutive_failures = 0
+                    if evaluate_fn:
+                        self._evaluate_centrally(evaluate_fn, server_round, arrays, result)
+            # Called after a tolerated failed round too: the caller sees it in the result.
+            if should_stop is not None and should_stop(server_round, result):
+                if server_round < num_rounds:  # after the last round it stops nothing
+                    result.halt_reason = f"should_stop returned True after round {server_round}"
+                    log(INFO, "Stopping early after round %d (should_stop)", server_round)
+                break
 
         log(INFO, "")
         log(INFO, "Strategy execution finished in %.2fs", time.time() - t_start)
@@ -336,6 +346,7 @@ class StrictRounds(Strategy):
         messages = list(self.configure_evaluate(server_round, arrays, config, grid))
         if not messages:
             return
+        _limit_ttl(messages, timeout)
         replies = grid.send_and_receive(messages=messages, timeout=timeout)
         metrics = self.aggregate_evaluate(server_round, replies)
         if metrics is None:
@@ -345,6 +356,20 @@ class StrictRounds(Strategy):
             result.evaluate_metrics_clientapp[server_round] = metrics
 
     # -- seams for wrappers ----------------------------------------------------------
+
+    def set_round_timeout(self, timeout: float) -> None:
+        """Bound every exchange of this layer and of every wrapper beneath by ``timeout``.
+
+        :meth:`start` calls it on the outermost layer; each layer passes it on to the
+        StrictRounds-derived strategy it wraps, whose own exchanges (e.g. secure
+        aggregation's key set-up and unmasking) use ``round_timeout`` as their wait and
+        their messages' TTL.
+        """
+        if not timeout > 0:
+            raise ValueError(f"timeout must be > 0 seconds, got {timeout}")
+        self.round_timeout = float(timeout)
+        if isinstance(self.strategy, StrictRounds):
+            self.strategy.set_round_timeout(timeout)
 
     def prepare_run(self, grid: Grid, num_rounds: int) -> None:
         """Called by :meth:`start` before round 1; wrappers set up per-run state here."""
@@ -381,6 +406,7 @@ class StrictRounds(Strategy):
         messages = list(self.configure_train(server_round, arrays, config, grid))
         if not messages and not self.empty_rounds_aggregate:
             raise RoundFailedError(server_round, "no node was selected for training")
+        _limit_ttl(messages, timeout)
         replies = grid.send_and_receive(messages=messages, timeout=timeout) if messages else []
         new_arrays, metrics = self.aggregate_train(server_round, replies)
         if new_arrays is None:  # a subclass may override aggregate_train
@@ -452,6 +478,13 @@ class StrictRounds(Strategy):
         log(INFO, "Global evaluation (round %d): %s", server_round, metrics)
         if metrics is not None:
             result.evaluate_metrics_serverapp[server_round] = metrics
+
+
+def _limit_ttl(messages: list[Message], timeout: float) -> None:
+    # Inner Flower strategies (FedAvg) send Flower's default TTL of 12 hours: a message
+    # still queued after the round gave up on it must not be delivered later.
+    for message in messages:
+        message.metadata.ttl = min(message.metadata.ttl, timeout)
 
 
 def _shapes_of(arrays: ArrayRecord) -> dict[str, tuple[tuple[int, ...], str]]:
