@@ -87,9 +87,9 @@ def stage_filter(stage: str, rnd: int | None = None):  # noqa: ANN201
     from flower_privacy import _secagg_wire as wire
 
     def match(msg: Message) -> bool:
-        if wire.stage_of(msg.content) != stage:
+        if stage not in wire.stages_of(msg.content):
             return False
-        return rnd is None or int(wire.payload_of(msg.content).get("round", 0)) == rnd
+        return rnd is None or int(wire.payload_of(msg.content, stage).get("round", 0)) == rnd
 
     return match
 

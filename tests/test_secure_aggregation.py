@@ -6,13 +6,14 @@ import numpy as np
 import pytest
 from conftest import initial_arrays, make_toy_client_app
 from conftest import stage_filter as _stage
-from flwr.app import Array, ArrayRecord, Context, Message, MetricRecord, RecordDict
+from flwr.app import Array, ArrayRecord, Context, Error, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 from flwr.serverapp.strategy import FedAdam, FedAvg, FedMedian, Krum
 
 from flower_privacy import _secagg_wire as wire
 from flower_privacy.errors import RunHaltedError
 from flower_privacy.mods import SecAggMod, secagg_mod
+from flower_privacy.secagg.protocol import Refusal
 from flower_privacy.strategies import SecureAggregation
 from flower_privacy.testing import InProcessGrid
 
@@ -85,12 +86,12 @@ def test_the_server_sees_no_plain_update() -> None:
     uploads = [
         e.message
         for e in grid.transcript
-        if e.direction == "from-node" and wire.stage_of(e.message.content) == wire.UPLOAD
+        if e.direction == "from-node" and wire.UPLOAD in wire.stages_of(e.message.content)
     ]
     assert len(uploads) == 4
     for upload in uploads:
         assert not upload.content.array_records and not upload.content.metric_records
-        masked = np.frombuffer(wire.payload_of(upload.content)["masked"], dtype="<u4")
+        masked = np.frombuffer(wire.payload_of(upload.content, wire.UPLOAD)["masked"], dtype="<u4")
         assert masked.size == 4096 + 2
         # Quantised updates are small signed numbers near 0 mod 2^32; masked words are
         # uniform, so hardly any falls that close to 0.
@@ -100,8 +101,8 @@ def test_the_server_sees_no_plain_update() -> None:
 @pytest.mark.parametrize(
     ("stage", "rnd", "expected_clients"),
     [
-        (wire.DISTRIBUTE, None, 5),  # after key advertisement: left out of the population
-        (wire.TRAIN, 1, 5),  # after share distribution: keys rebuilt, masks removed
+        (wire.PREPARE, 1, 5),  # never prepared: not in the round at all
+        (wire.TRAIN, 1, 5),  # prepared, no upload: its round key rebuilt, masks removed
         (wire.UNMASK, 1, 6),  # after masked upload: its update counts, others unmask it
     ],
 )
@@ -115,38 +116,27 @@ def test_one_dropout_at_each_stage_is_survived(stage, rnd, expected_clients) -> 
     _assert_mean(result, 11, nodes)
 
 
-def test_a_dropped_node_is_rekeyed_before_it_takes_part_again() -> None:
+def test_a_dropout_never_rekeys_and_the_next_round_prepares_in_the_unmask_exchange() -> None:
     grid = InProcessGrid(_updates_app(5), num_nodes=5)
     victim = 1002
-    grid.drop_node(victim, when=_stage(wire.TRAIN, 1), unlist=False)
-
-    def come_back_for_rekeying(msg: Message) -> Message:
-        if (
-            msg.metadata.dst_node_id == victim
-            and wire.stage_of(msg.content) == wire.ADVERTISE
-            and victim in grid.offline_nodes()
-        ):
-            grid.reconnect_node(victim)
-        return msg
-
-    grid.intercept(come_back_for_rekeying)
-    strategy = _secagg(5)
-    result = strategy.start(grid, _zeros(), num_rounds=2)
+    grid.drop_node(victim, when=_stage(wire.TRAIN, 1), only_matching=True)
+    result = _secagg(5).start(grid, _zeros(), num_rounds=3)
     assert result.train_metrics_clientapp[1]["secagg-dropped"] == 1
     assert result.train_metrics_clientapp[2]["secagg-clients"] == 5
-    advertised = [
-        e.node_id
-        for e in grid.transcript
-        if e.direction == "to-node" and wire.stage_of(e.message.content) == wire.ADVERTISE
-    ]
-    assert advertised.count(victim) == 2 and advertised.count(1001) == 1
+    to_node = [e for e in grid.transcript if e.direction == "to-node"]
+    advertised = [e.node_id for e in to_node if wire.ADVERTISE in wire.stages_of(e.message.content)]
+    assert sorted(advertised) == sorted(grid.contexts)  # once per node, never again
+    # Exchanges: advertise, prepare(1), then per round train and unmask(+prepare next).
+    batches = [tuple(sorted(wire.stages_of(e.message.content))) for e in to_node]
+    assert batches.count((wire.PREPARE, wire.UNMASK)) == 2 * 5 - 1  # rounds 1, 2 (1 dropout)
+    assert batches.count((wire.PREPARE,)) == 5 + 1  # round 1, and the dropout's round 2
 
 
 def test_too_many_dropouts_fail_the_round_loudly() -> None:
     grid = InProcessGrid(_updates_app(3), num_nodes=6)
     for node in (1001, 1002, 1003, 1004):
         grid.drop_node(node, when=_stage(wire.UNMASK, 1), unlist=False)
-    with pytest.raises(RunHaltedError, match="too many nodes dropped during unmasking") as info:
+    with pytest.raises(RunHaltedError, match="too many holders dropped or refused") as info:
         _secagg(6).start(grid, _zeros(), num_rounds=2)
     assert list(info.value.result.failed_rounds) == [1]
 
@@ -206,62 +196,74 @@ def test_an_app_without_the_mod_gets_an_error_naming_the_mod() -> None:
         _secagg(3).start(grid, _zeros(), num_rounds=1)
 
 
+def test_client_sampling_with_a_fraction_runs_every_round() -> None:
+    inner = FedAvg(
+        fraction_train=0.5, min_available_nodes=12, min_train_nodes=3, fraction_evaluate=0.0
+    )
+    grid = InProcessGrid(_updates_app(6), num_nodes=12)
+    result = SecureAggregation(inner, max_weight=100, min_train_replies=3).start(
+        grid, _zeros(), num_rounds=4
+    )
+    assert not result.failed_rounds
+    assert all(result.train_metrics_clientapp[r]["secagg-clients"] == 6 for r in range(1, 5))
+
+
 def test_cohorts_larger_than_declared_are_refused() -> None:
     grid = InProcessGrid(_updates_app(1), num_nodes=5)
     with pytest.raises(RunHaltedError, match="max_clients=4"):
         SecureAggregation(_fedavg(5), max_clients=4).start(grid, _zeros(), num_rounds=1)
 
 
-# -- a dishonest server, played by rewriting one client's unmask request ---------------
+# -- structured refusals: a refusing holder is a missing holder, never a dropout ---------
 
 TARGET = 1001
 
 
-def _tamper_unmask(grid: InProcessGrid, change) -> None:  # noqa: ANN001
+def _tamper(grid: InProcessGrid, stage: str, change, node: int = TARGET) -> None:  # noqa: ANN001
     def rewrite(msg: Message) -> Message:
-        if msg.metadata.dst_node_id == TARGET and wire.stage_of(msg.content) == wire.UNMASK:
-            payload = change(wire.payload_of(msg.content))
-            msg.content[wire.RECORD] = wire.to_record(wire.UNMASK, payload)
+        if msg.metadata.dst_node_id == node and stage in wire.stages_of(msg.content):
+            wire.put(msg.content, stage, change(wire.payload_of(msg.content, stage)))
         return msg
 
     grid.intercept(rewrite)
 
 
-def _run_attacked(grid: InProcessGrid, n: int, **kwargs) -> str:  # noqa: ANN003
-    with pytest.raises(RunHaltedError) as info:
-        _secagg(n, **kwargs).start(grid, _zeros(), num_rounds=1)
-    return info.value.result.failed_rounds[1]
+def _codes(strategy: SecureAggregation) -> list[tuple[int, str, str]]:
+    return [(e.node, e.stage, e.code) for e in strategy.refusals]
 
 
-def test_flowers_known_attack_victim_both_survivor_and_dropped_is_refused() -> None:
+def test_a_refusing_holder_is_logged_and_the_round_completes_without_it(caplog) -> None:  # noqa: ANN001
     grid = InProcessGrid(_updates_app(1), num_nodes=5)
-    _tamper_unmask(grid, lambda p: {**p, "dropped": [1003]})
-    reason = _run_attacked(grid, 5)
-    assert (
-        f"node {TARGET}" in reason and "[1003] are listed both as survivor and as dropped" in reason
-    )
+    _tamper(grid, wire.UNMASK, lambda p: {**p, "dropped": [1003]})
+    strategy = _secagg(5)
+    result = strategy.start(grid, _zeros(), num_rounds=1)
+    assert _codes(strategy) == [(TARGET, wire.UNMASK, Refusal.BAD_REQUEST)]
+    assert f"SECURITY round 1: node {TARGET} refused unmask" in caplog.text
+    _assert_mean(result, 1, list(grid.contexts))  # the others' shares sufficed
 
 
-def test_a_request_for_shares_outside_the_neighbourhood_is_refused() -> None:
-    grid = InProcessGrid(_updates_app(1), num_nodes=12)
-    state = {}
+def test_a_forged_error_text_with_the_old_refusal_marker_does_not_halt_the_run() -> None:
+    def liar(msg: Message, context: Context, call_next):  # noqa: ANN001, ANN202
+        reply = secagg_mod(msg, context, call_next)
+        if context.node_id == 1003 and wire.UPLOAD in wire.stages_of(reply.content):
+            return Message(
+                Error(code=0, reason=f"{wire.MOD_NAME} refused (unmask): x"), reply_to=msg
+            )
+        return reply
 
-    def add_stranger(p: dict) -> dict:
-        stranger = next(n for n in range(1001, 1013) if n != TARGET and n not in p["from"])
-        state["stranger"] = stranger
-        return {**p, "from": [*p["from"], stranger], "sealed": [*p["sealed"], b"\0" * 100]}
-
-    _tamper_unmask(grid, add_stranger)
-    reason = _run_attacked(grid, 12, degree=4)
-    assert f"[{state['stranger']}] outside this node's neighbourhood" in reason
+    grid = InProcessGrid(_updates_app(2, mods=[liar]), num_nodes=5)
+    strategy = _secagg(5)
+    result = strategy.start(grid, _zeros(), num_rounds=2)
+    assert not result.failed_rounds and not strategy.refusals
+    assert result.train_metrics_clientapp[1]["secagg-dropped"] == 1
 
 
-def test_fewer_survivors_than_the_threshold_is_refused() -> None:
-    grid = InProcessGrid(_updates_app(1), num_nodes=6)
-    _tamper_unmask(
-        grid, lambda p: {**p, "survivors": [1001, 1002], "dropped": [1003, 1004, 1005, 1006]}
-    )
-    assert "fewer than the threshold" in _run_attacked(grid, 6)
+def test_refusals_beyond_the_limit_stop_the_run() -> None:
+    grid = InProcessGrid(_updates_app(1), num_nodes=5)
+    _tamper(grid, wire.UNMASK, lambda p: {**p, "dropped": [1003]})
+    result = _secagg(5, max_refusals=1).start(grid, _zeros(), num_rounds=4)
+    assert result.halt_reason is not None and "max_refusals=1" in result.halt_reason
+    assert sorted(result.train_metrics_clientapp) == [1, 2]
 
 
 def test_a_replayed_unmask_request_is_refused() -> None:
@@ -269,25 +271,18 @@ def test_a_replayed_unmask_request_is_refused() -> None:
     captured = {}
 
     def replay(msg: Message) -> Message:
-        if msg.metadata.dst_node_id == TARGET and wire.stage_of(msg.content) == wire.UNMASK:
-            payload = wire.payload_of(msg.content)
+        if msg.metadata.dst_node_id == TARGET and wire.UNMASK in wire.stages_of(msg.content):
+            payload = wire.payload_of(msg.content, wire.UNMASK)
             if payload["round"] == 1:
                 captured["round1"] = payload
-            elif "round1" in captured:
-                msg.content[wire.RECORD] = wire.to_record(wire.UNMASK, captured["round1"])
+            else:
+                wire.put(msg.content, wire.UNMASK, captured["round1"])
         return msg
 
     grid.intercept(replay)
-    with pytest.raises(RunHaltedError) as info:
-        _secagg(4).start(grid, _zeros(), num_rounds=2)
-    assert list(info.value.result.failed_rounds) == [2]
-    assert "uploaded in no such round" in info.value.result.failed_rounds[2]
-
-
-def test_a_request_from_another_run_is_refused() -> None:
-    grid = InProcessGrid(_updates_app(1), num_nodes=4)
-    _tamper_unmask(grid, lambda p: {**p, "run": b"\x01" * 16})
-    assert "another run" in _run_attacked(grid, 4)
+    strategy = _secagg(4, min_train_replies=3)
+    strategy.start(grid, _zeros(), num_rounds=2)
+    assert (TARGET, wire.UNMASK, Refusal.REPLAY) in _codes(strategy)
 
 
 def test_the_pluggable_unmask_rule_is_enforced_by_clients() -> None:
@@ -296,10 +291,15 @@ def test_the_pluggable_unmask_rule_is_enforced_by_clients() -> None:
 
     grid = InProcessGrid(_updates_app(1, mods=[SecAggMod(unmask_rule=keep_pairs_whole)]), 6)
     grid.drop_node(1003, when=_stage(wire.UNMASK, 1), unlist=False)  # fine: it uploaded
-    _secagg(6).start(grid, _zeros(), num_rounds=1)
+    strategy = _secagg(6)
+    strategy.start(grid, _zeros(), num_rounds=1)
+    assert not strategy.refusals
     grid = InProcessGrid(_updates_app(1, mods=[SecAggMod(unmask_rule=keep_pairs_whole)]), 6)
     grid.drop_node(1003, when=_stage(wire.TRAIN, 1), unlist=False)  # dropped: pair broken
-    assert "unmask rule: pair (1003, 1004) incomplete" in _run_attacked(grid, 6)
+    strategy = _secagg(6)
+    with pytest.raises(RunHaltedError, match="too many holders"):
+        strategy.start(grid, _zeros(), num_rounds=1)
+    assert {code for _, _, code in _codes(strategy)} == {Refusal.GROUPS}
 
 
 def test_a_node_without_the_mod_is_left_out_with_a_warning(caplog) -> None:  # noqa: ANN001
@@ -311,21 +311,8 @@ def test_a_node_without_the_mod_is_left_out_with_a_warning(caplog) -> None:  # n
     grid = InProcessGrid(_updates_app(4, mods=[mod_everywhere_but_1003]), num_nodes=5)
     result = _secagg(5).start(grid, _zeros(), num_rounds=1)
     assert result.train_metrics_clientapp[1]["secagg-clients"] == 4
-    assert "node 1003, advertise stage: error reply" in caplog.text
+    assert "node 1003 answered with an error" in caplog.text
     _assert_mean(result, 4, [1001, 1002, 1004, 1005])
-
-
-def test_a_survivor_that_missed_unmasking_rekeys_before_its_next_round() -> None:
-    grid = InProcessGrid(_updates_app(8), num_nodes=5)
-    grid.drop_node(1003, when=_stage(wire.UNMASK, 1), only_matching=True)
-    result = _secagg(5).start(grid, _zeros(), num_rounds=2)
-    assert result.train_metrics_clientapp[2]["secagg-clients"] == 5
-    advertised = [
-        e.node_id
-        for e in grid.transcript
-        if e.direction == "to-node" and wire.stage_of(e.message.content) == wire.ADVERTISE
-    ]
-    assert advertised.count(1003) == 2 and advertised.count(1001) == 1
 
 
 # -- the consistency option ---------------------------------------------------------
@@ -341,31 +328,39 @@ def _signed_grid(tmp_path, n: int, seed: int = 1) -> InProcessGrid:  # noqa: ANN
 
 def test_consistency_check_runs_one_more_exchange_and_keeps_the_mean(tmp_path) -> None:  # noqa: ANN001
     grid = _signed_grid(tmp_path, 6, seed=12)
-    grid.drop_node(1002, when=_stage(wire.CONSISTENCY, 1), only_matching=True)
     result = _secagg(6, consistency_check=True).start(grid, _zeros(), num_rounds=2)
     expected = _expected_mean(12, list(grid.contexts))  # each round adds the same mean
     for key in SHAPES:
         np.testing.assert_allclose(result.arrays[key].numpy(), 2 * expected[key], atol=2e-3)
-    stages = [wire.stage_of(e.message.content) for e in grid.transcript if e.direction == "to-node"]
-    assert stages.count(wire.CONSISTENCY) == 12 and stages.count(wire.UNMASK) == 11
+    stages = [
+        s
+        for e in grid.transcript
+        if e.direction == "to-node"
+        for s in wire.stages_of(e.message.content)
+    ]
+    assert stages.count(wire.CONSISTENCY) == 12 and stages.count(wire.UNMASK) == 12
 
 
 def test_consistency_check_catches_lists_that_differ_from_the_signed_ones(tmp_path) -> None:  # noqa: ANN001
     # The server shows the target at unmasking a survivor list without 1003, unlike the
-    # lists everyone (the target included) signed in the consistency stage.
+    # view everyone (the target included) signed in the consistency stage.
     grid = _signed_grid(tmp_path, 6)
 
-    def split(msg: Message) -> Message:
-        if msg.metadata.dst_node_id == TARGET and wire.stage_of(msg.content) == wire.UNMASK:
-            payload = wire.payload_of(msg.content)
-            survivors = [n for n in payload["survivors"] if n != 1003]
-            payload.update(survivors=survivors, dropped=sorted([*payload["dropped"], 1003]))
-            msg.content[wire.RECORD] = wire.to_record(wire.UNMASK, payload)
-        return msg
+    def split(p: dict) -> dict:
+        survivors = [n for n in p["survivors"] if n != 1003]
+        keep = [i for i, n in enumerate(p["tags-from"]) if n != 1003]
+        return {
+            **p,
+            "survivors": survivors,
+            "dropped": sorted([*p["dropped"], 1003]),
+            "tags-from": [p["tags-from"][i] for i in keep],
+            "tags": [p["tags"][i] for i in keep],
+        }
 
-    grid.intercept(split)
-    reason = _run_attacked(grid, 6, consistency_check=True)
-    assert "the unmask lists differ from the lists this node signed" in reason
+    _tamper(grid, wire.UNMASK, split)
+    strategy = _secagg(6, consistency_check=True)
+    strategy.start(grid, _zeros(), num_rounds=1)
+    assert _codes(strategy) == [(TARGET, wire.UNMASK, Refusal.UNSIGNED)]
 
 
 def test_consistency_check_without_signing_keys_fails_naming_the_node_config() -> None:
@@ -383,6 +378,7 @@ def test_declaring_survivors_dropped_below_the_promised_floor_is_refused() -> No
         survivors = list(p["survivors"])
         return {**p, "survivors": survivors[:6], "dropped": [*p["dropped"], *survivors[6:]]}
 
-    _tamper_unmask(grid, fewer)
-    reason = _run_attacked(grid, 8, min_train_replies=7)
-    assert f"node {TARGET}" in reason and "6 survivors, but the round promised at least 7" in reason
+    _tamper(grid, wire.UNMASK, fewer)
+    strategy = _secagg(8, min_train_replies=7)
+    strategy.start(grid, _zeros(), num_rounds=1)
+    assert (TARGET, wire.UNMASK, Refusal.BELOW_FLOOR) in _codes(strategy)

@@ -1,8 +1,10 @@
 """Client side of secure aggregation: a ClientApp mod.
 
 ``ClientApp(mods=[secagg_mod])`` is the whole client-side change. The mod answers the
-key set-up and unmasking stages itself; for a training round it lets the app train,
-then replaces the plain reply by the masked, quantised, weighted update.
+key, prepare, consistency and unmask stages itself; for a training round it lets the
+app train, then replaces the plain reply by the masked, quantised, weighted update.
+A node whose node config sets ``secagg-required=true``, and any node that has taken
+part in secure aggregation in this Flower run, refuses plain training requests.
 """
 
 from __future__ import annotations
@@ -33,9 +35,12 @@ class SecAggMod:
         ``rule(survivors, dropped, cohort)`` returns a reason to refuse an unmask
         request (e.g. an incomplete group), or None to allow it.
 
-    A node whose node config names a signing key file (``secagg-signing-key``) and a
-    roster file (``secagg-roster``, from ``flower-privacy keys signing``) signs its key
-    and survivor lists and insists on the server's consistency check.
+    Node config: the security floors of :class:`~flower_privacy.secagg.floors.ClientFloors`
+    (``secagg-max-colluders``, ``secagg-min-degree``, ``secagg-min-cohort``,
+    ``secagg-min-survivors``, ``secagg-min-group-size``, ``secagg-required``); a signing
+    key file (``secagg-signing-key``) and a roster file (``secagg-roster``, from
+    ``flower-privacy keys signing``) make the node sign its keys and views and insist on
+    the server's consistency check.
     """
 
     def __init__(self, unmask_rule: protocol.UnmaskRule | None = None) -> None:
@@ -45,44 +50,69 @@ class SecAggMod:
     def __call__(
         self, msg: Message, context: Context, call_next: Callable[[Message, Context], Message]
     ) -> Message:
-        stage = wire.stage_of(msg.content) if msg.has_content() else None
-        if msg.metadata.message_type != "train" or stage is None:
+        if msg.metadata.message_type != "train" or not msg.has_content():
             return call_next(msg, context)
+        stages = wire.stages_of(msg.content)
         state = _load(context)
-        request = wire.payload_of(msg.content)
         try:
+            floors = protocol.ClientFloors.from_node_config(context.node_config)
             identity = self._identity(context)
-            if stage == wire.ADVERTISE:
-                reply = protocol.client_advertise(state, request, identity)
-            elif stage == wire.DISTRIBUTE:
-                reply = protocol.client_distribute(state, request, identity)
-            elif stage == wire.CONSISTENCY:
-                if identity is None:
-                    raise protocol.RefusedError(
-                        f"the consistency check needs a signing key: set node config "
-                        f"{wire.NODE_SIGNING_KEY} and {wire.NODE_ROSTER}"
-                    )
-                reply = protocol.client_consistency(state, request, identity)
-            elif stage == wire.TRAIN:
-                reply = self._train(msg, context, call_next, state, request)
-                if isinstance(reply, Message):
-                    return reply  # the app's own error reply
-            elif stage == wire.UNMASK:
-                reply = protocol.client_unmask(state, request, self.unmask_rule, identity)
-            else:
-                raise protocol.RefusedError(f"unknown stage {stage!r}")
-        except (protocol.RefusedError, ValueError, OSError) as err:
-            _save(context, state)
-            return Message(
-                Error(
-                    code=compat.ErrorCode.MOD_FAILED_PRECONDITION,
-                    reason=f"{wire.MOD_NAME} refused ({stage}): {err}",
-                ),
-                reply_to=msg,
-            )
+        except (ValueError, OSError) as err:
+            return _error(msg, f"{wire.MOD_NAME}: bad node config: {err}")
+        if not stages:
+            if floors.required or state.participated:
+                return _error(
+                    msg,
+                    f"{wire.MOD_NAME} refused ({protocol.Refusal.DOWNGRADE}): this node "
+                    "requires secure aggregation and never sends a plain update",
+                )
+            return call_next(msg, context)
+        content = RecordDict()
+        for stage in [s for s in wire.ORDER if s in stages]:
+            request = wire.payload_of(msg.content, stage)
+            try:
+                reply = self._answer(
+                    stage, msg, context, call_next, state, request, floors, identity
+                )
+            except protocol.RefusedError as err:
+                log(
+                    WARNING,
+                    "secure aggregation: node %s refused %s: %s",
+                    context.node_id,
+                    stage,
+                    err,
+                )
+                reply = {wire.REFUSED: err.code, wire.DETAIL: err.detail}
+            except ValueError as err:  # the app's reply cannot be masked
+                _save(context, state)
+                return _error(msg, f"{wire.MOD_NAME} ({stage}): {err}")
+            if isinstance(reply, Message):
+                _save(context, state)
+                return reply  # the app's own error reply
+            wire.put(content, wire.REPLY_STAGE.get(stage, stage), reply)
         _save(context, state)
-        out_stage = wire.UPLOAD if stage == wire.TRAIN else stage
-        return Message(RecordDict({wire.RECORD: wire.to_record(out_stage, reply)}), reply_to=msg)
+        return Message(content, reply_to=msg)
+
+    def _answer(self, stage, msg, context, call_next, state, request, floors, identity):  # noqa: ANN001, ANN202, PLR0913
+        if stage == wire.ADVERTISE:
+            return protocol.client_advertise(state, request, identity)
+        if stage == wire.PREPARE:
+            return protocol.client_prepare(state, request, floors, identity)
+        if stage == wire.CONSISTENCY:
+            if identity is None:
+                raise protocol.RefusedError(
+                    protocol.Refusal.UNSIGNED,
+                    f"the consistency check needs node config {wire.NODE_SIGNING_KEY} "
+                    f"and {wire.NODE_ROSTER}",
+                )
+            return protocol.client_sign(state, request, identity)
+        if stage == wire.UNMASK:
+            return protocol.client_unmask(
+                state, request, self.unmask_rule, identity, floors.max_colluders
+            )
+        if stage == wire.TRAIN:
+            return self._train(msg, context, call_next, state, request)
+        raise protocol.RefusedError(protocol.Refusal.BAD_REQUEST, f"unknown stage {stage!r}")
 
     def _identity(self, context: Context) -> protocol.Identity | None:
         key_path = context.node_config.get(wire.NODE_SIGNING_KEY)
@@ -104,9 +134,10 @@ class SecAggMod:
     def _train(self, msg, context, call_next, state, request):  # noqa: ANN001, ANN202
         arrays_key = str(request["arrays-key"])
         weight_key = str(request["weight-key"])
-        global_arrays = msg.content.array_records[arrays_key]
-        # The app sees the message a plain FedAvg would send it.
-        msg.content = RecordDict({k: v for k, v in msg.content.items() if k != wire.RECORD})
+        plain = wire.without_stages(msg.content)
+        digest = wire.content_digest(plain, dict(context.run_config))
+        global_arrays = plain.array_records[arrays_key]
+        msg.content = plain  # the app sees the message a plain FedAvg would send it
         reply = call_next(msg, context)
         if reply.has_error():
             return reply
@@ -144,14 +175,20 @@ class SecAggMod:
                 max_weight=int(request["max-weight"]),
                 max_clients=int(request["max-clients"]),
             )
-        upload, report = protocol.client_upload(
-            state, request, np.concatenate(deltas), weight, quantizer
+        upload, report = protocol.client_mask(
+            state, request, np.concatenate(deltas), weight, quantizer, digest
         )
         # The report stays on this node: a per-client clipped count is data; the server
         # learns only the masked sum of the counts.
         if report["clipped"] or report["weight-capped"]:
             log(WARNING, "secure aggregation clipped this node's update: %s", report)
         return upload
+
+
+def _error(msg: Message, reason: str) -> Message:
+    return Message(
+        Error(code=compat.ErrorCode.MOD_FAILED_PRECONDITION, reason=reason), reply_to=msg
+    )
 
 
 def _load(context: Context) -> protocol.ClientState:

@@ -1,241 +1,232 @@
-"""Client half of the secure aggregation protocol (see :mod:`.protocol`)."""
+"""Client half of the secure aggregation protocol (see :mod:`.protocol`).
+
+Every check an honest node makes before it reveals anything is here; each failed
+check raises :class:`RefusedError` with a structured code.
+"""
 
 from __future__ import annotations
 
-import base64
-import json
 import os
-from dataclasses import dataclass, field
 
 import numpy as np
 
-from flower_privacy.secagg import graph, groups, keys, shamir, signing
-from flower_privacy.secagg._common import (
-    RefusedError,
-    UnmaskRule,
-)
-from flower_privacy.secagg._common import associated_data as _ad
-from flower_privacy.secagg._common import context as _context
+from flower_privacy.secagg import canonical, graph, groups, keys, shamir, signing
+from flower_privacy.secagg._common import PROTOCOL, Refusal, RefusedError, UnmaskRule
 from flower_privacy.secagg._common import mask_sign as _sign
+from flower_privacy.secagg.consistency import check_signatures
+from flower_privacy.secagg.floors import ClientFloors
 from flower_privacy.secagg.prg import expand_mask
 from flower_privacy.secagg.quantize import Encoder
+from flower_privacy.secagg.state import ClientState, Identity, RoundSecrets
+from flower_privacy.secagg.views import (
+    advertise_message,
+    package_ad,
+    pair_keys,
+    round_view,
+    seal_key,
+    self_seed_commitment,
+    share_commitment,
+    tag_message,
+    view_digest,
+)
 
-
-@dataclass(frozen=True)
-class Identity:
-    """A node's signing key and the signing keys it trusts (the roster).
-
-    A node with an identity signs its advertised key, accepts only neighbours' keys
-    signed under roster keys, and unmasks only after the consistency check.
-    """
-
-    signing_key: bytes
-    trusted: frozenset[bytes]
-
-    def __post_init__(self) -> None:
-        if signing.signing_public_key(self.signing_key) not in self.trusted:
-            raise ValueError("this node's own signing key is not in the roster it trusts")
-
-
-@dataclass
-class ClientState:
-    """Everything a node keeps between messages (serialisable to bytes)."""
-
-    node_id: int
-    run: bytes = b""
-    epoch: int = 0
-    private_key: bytes = b""
-    roster: dict[int, tuple[bytes, int]] = field(default_factory=dict)
-    degree: int = 0
-    threshold_fraction: float = 0.5
-    round: int = 0
-    cohort: list[int] = field(default_factory=list)
-    uploaded: bool = False
-    unmasked: bool = False
-    burned: dict[int, int] = field(default_factory=dict)  # node -> epoch whose key we revealed
-    signers: dict[int, bytes] = field(default_factory=dict)  # node -> signing key, this run
-    signed: list[list[int]] = field(default_factory=list)  # [survivors, dropped] we signed
-    groups: list[list[int]] = field(default_factory=list)  # this round's groups, if any
-    generations: list[list[int]] = field(default_factory=list)  # group generations seen
-    group_seed: bytes = b""  # the partition seed first seen in this run
-    min_survivors: int = 0  # fewest survivors this round's upload may be unmasked with
-
-    def to_bytes(self) -> bytes:
-        data = {
-            "node_id": self.node_id,
-            "run": self.run.hex(),
-            "epoch": self.epoch,
-            "private_key": self.private_key.hex(),
-            "roster": {str(k): [v[0].hex(), v[1]] for k, v in self.roster.items()},
-            "degree": self.degree,
-            "threshold_fraction": self.threshold_fraction,
-            "round": self.round,
-            "cohort": self.cohort,
-            "uploaded": self.uploaded,
-            "unmasked": self.unmasked,
-            "burned": {str(k): v for k, v in self.burned.items()},
-            "signers": {str(k): v.hex() for k, v in self.signers.items()},
-            "signed": self.signed,
-            "groups": self.groups,
-            "generations": self.generations,
-            "group_seed": self.group_seed.hex(),
-            "min_survivors": self.min_survivors,
-        }
-        return base64.b64encode(json.dumps(data).encode())
-
-    @classmethod
-    def from_bytes(cls, raw: bytes) -> ClientState:
-        data = json.loads(base64.b64decode(raw))
-        return cls(
-            node_id=data["node_id"],
-            run=bytes.fromhex(data["run"]),
-            epoch=data["epoch"],
-            private_key=bytes.fromhex(data["private_key"]),
-            roster={int(k): (bytes.fromhex(v[0]), v[1]) for k, v in data["roster"].items()},
-            degree=data["degree"],
-            threshold_fraction=data["threshold_fraction"],
-            round=data["round"],
-            cohort=data["cohort"],
-            uploaded=data["uploaded"],
-            unmasked=data["unmasked"],
-            burned={int(k): v for k, v in data["burned"].items()},
-            signers={int(k): bytes.fromhex(v) for k, v in data["signers"].items()},
-            signed=data["signed"],
-            groups=data["groups"],
-            generations=data["generations"],
-            group_seed=bytes.fromhex(data["group_seed"]),
-            min_survivors=int(data.get("min_survivors", 0)),
-        )
-
-    def neighbours(self) -> list[int]:
-        return graph.neighbours(sorted(self.roster), self.degree, self.run)[self.node_id]
-
-    def round_neighbours(self) -> list[int]:
-        cohort = set(self.cohort)
-        return [v for v in self.neighbours() if v in cohort]
-
-    def pair(self, peer: int) -> keys.PairSecrets:
-        peer_key, _ = self.roster[peer]
-        return keys.pair_secrets(self.private_key, self.node_id, peer_key, peer, self.run)
+_SELF = b"self-mask|"
+_PAIR = b"pair-mask|"
 
 
 def client_advertise(state: ClientState, request: dict, identity: Identity | None = None) -> dict:
-    """Step 1: a fresh key pair for this run (a new epoch), signed with ``identity``."""
-    run = _bytes(request, "run")
-    if state.run != run:  # a new run: nothing of an old one carries over
-        state.__dict__.update(ClientState(node_id=state.node_id, run=run).__dict__)
-    state.epoch += 1
-    state.private_key = keys.generate_private_key()
-    state.roster = {}
-    state.uploaded = state.unmasked = False
-    public_key = keys.public_key(state.private_key)
-    reply: dict = {"public-key": public_key, "epoch": state.epoch}
+    """Return this node's long-term key (made once per Flower run), signed with ``identity``."""
+    _check_version(request)
+    nonce = _bytes(request, "nonce")
+    if nonce != state.nonce:
+        # A new protocol run: no round of an old one can be finished any more. Groups,
+        # signing keys and the long-term key stay: they belong to the Flower run.
+        state.nonce, state.rounds, state.last_prepared = nonce, {}, 0
+    if not state.lt_key:
+        state.lt_key = keys.generate_private_key()
+    public = keys.public_key(state.lt_key)
+    reply: dict = {"lt-key": public}
     if identity is not None:
-        message = signing.advertise_message(state.run, state.node_id, state.epoch, public_key)
         reply["signing-key"] = signing.signing_public_key(identity.signing_key)
-        reply["key-signature"] = signing.sign(identity.signing_key, message)
+        reply["key-signature"] = signing.sign(
+            identity.signing_key, advertise_message(nonce, state.node_id, public)
+        )
     return reply
 
 
-def client_distribute(state: ClientState, request: dict, identity: Identity | None = None) -> dict:
-    """Step 2: learn the roster, derive neighbours, share the private key among them."""
-    _check_run(state, request)
-    node_ids = [int(x) for x in request["node-ids"]]
-    public_keys = list(request["public-keys"])
-    epochs = [int(x) for x in request["epochs"]]
-    if not len(node_ids) == len(public_keys) == len(epochs):
-        raise RefusedError("roster lists differ in length")
-    roster = dict(zip(node_ids, zip(public_keys, epochs, strict=True), strict=True))
-    if roster.get(state.node_id) != (keys.public_key(state.private_key), state.epoch):
-        raise RefusedError("the roster does not hold this node's current public key")
-    if identity is not None:
-        _check_signed_keys(state, request, node_ids, public_keys, epochs, identity)
-    state.roster = roster
-    state.degree = int(request["degree"])
-    state.threshold_fraction = float(request["threshold-fraction"])
-    peers = state.neighbours()
-    t = graph.threshold(len(peers), state.threshold_fraction)
-    shares = shamir.split(state.private_key, t, len(peers))
-    sealed = [
-        keys.seal(
-            state.pair(peer).encryption_key,
-            share,
-            _ad(b"sk", state.run, state.node_id, peer, state.epoch, roster[peer][1]),
-        )
-        for peer, share in zip(peers, shares, strict=True)
-    ]
-    return {"to": peers, "shares": sealed, "epoch": state.epoch}
-
-
-def client_upload(
-    state: ClientState, request: dict, update: np.ndarray, weight: int, quantizer: Encoder
-) -> tuple[dict, dict]:
-    """Step 3: mask ``weight * update``; returns (upload, report of what was clipped)."""
-    _check_run(state, request)
-    rnd = int(request["round"])
-    if rnd <= state.round:
-        raise RefusedError(f"round {rnd} is not after round {state.round} (replay)")
-    cohort = sorted(int(x) for x in request["cohort"])
-    if state.node_id not in cohort:
-        raise RefusedError("this node is not in the round's cohort")
-    unknown = [v for v in cohort if v not in state.roster]
-    if unknown:
-        raise RefusedError(f"cohort nodes {unknown} have no key in this node's roster")
-    stale = [v for v in cohort if state.burned.get(v) == state.roster[v][1]]
-    if stale:
-        raise RefusedError(f"cohort nodes {stale} were not re-keyed after their key was rebuilt")
-    if state.uploaded and not state.unmasked:
-        # This node uploaded in round `state.round` but was never asked to unmask as a
-        # survivor: the server may have rebuilt its key (claiming it dropped). Masks
-        # under that key are no longer safe: it takes part again only after re-keying.
+def client_prepare(
+    state: ClientState,
+    request: dict,
+    floors: ClientFloors,
+    identity: Identity | None = None,
+) -> dict:
+    """Make this round's secrets and share them, sealed, among the round neighbours."""
+    rnd, nonce = _check_round_request(state, request)
+    if rnd <= state.last_prepared:
+        raise RefusedError(Refusal.REPLAY, f"round {rnd} is not after round {state.last_prepared}")
+    cohort = _ids(request, "cohort")
+    if cohort != sorted(set(cohort)) or state.node_id not in cohort:
+        raise RefusedError(Refusal.BAD_REQUEST, "the cohort is not a sorted list holding this node")
+    if len(cohort) < floors.min_cohort:
         raise RefusedError(
-            f"round {state.round}'s upload was never unmasked with this node as a survivor; "
-            "its key must be renewed first"
+            Refusal.BELOW_FLOOR, f"cohort of {len(cohort)}, this node needs {floors.min_cohort}"
         )
-    round_groups = _checked_groups(state, request, cohort)
-    state.round, state.cohort, state.uploaded, state.unmasked = rnd, cohort, False, False
-    state.signed, state.groups = [], round_groups
-    # The server's own floor, fixed before anything is masked: it cannot lower it at
-    # unmasking by declaring more nodes dropped (distributed DP's noise depends on it).
-    state.min_survivors = int(request.get("min-survivors", 0))
-    peers = state.round_neighbours()
-    if len(peers) < 2:
-        raise RefusedError(f"only {len(peers)} neighbour(s) in the cohort; at least 2 needed")
-    encoded = quantizer.encode(update, weight)
+    degree, t = int(request["degree"]), int(request["threshold"])
+    seed = _bytes(request, "graph-seed")
+    try:
+        peers = graph.neighbours(cohort, degree, seed)[state.node_id]
+    except ValueError as err:
+        raise RefusedError(Refusal.BAD_REQUEST, str(err)) from None
+    if len(peers) < floors.min_degree:
+        raise RefusedError(
+            Refusal.BELOW_FLOOR, f"{len(peers)} neighbours, this node needs {floors.min_degree}"
+        )
+    if not floors.threshold_for(len(peers)) <= t <= len(peers):
+        raise RefusedError(
+            Refusal.BELOW_FLOOR,
+            f"threshold {t} for {len(peers)} holders; this node needs "
+            f"{floors.threshold_for(len(peers))} to {len(peers)}",
+        )
+    if _ids(request, "keys-of") != peers or len(request["keys"]) != len(peers):
+        raise RefusedError(Refusal.BAD_REQUEST, "long-term keys are not those of the neighbours")
+    lt_keys = dict(zip(peers, request["keys"], strict=True))
+    if identity is not None:
+        _check_signed_keys(state, request, nonce, peers, lt_keys, identity)
+    round_groups = _checked_groups(state, request, cohort, floors)
+    min_survivors = max(floors.min_survivors, int(request.get("min-survivors", 0)))
+
+    mask_key, self_seed = keys.generate_private_key(), os.urandom(32)
+    mask_public = keys.public_key(mask_key)
+    sk_shares = shamir.split(mask_key, t, len(peers))
+    b_shares = shamir.split(self_seed, t, len(peers))
+    packages, commit_sk, commit_b = [], [], []
+    for peer, sk_share, b_share in zip(peers, sk_shares, b_shares, strict=True):
+        key = seal_key(state.lt_key, state.node_id, lt_keys[peer], peer, nonce)
+        ad = package_ad(nonce, rnd, state.node_id, peer)
+        packages.append(keys.seal(key, mask_public + sk_share + b_share, ad))
+        commit_sk.append(share_commitment(nonce, rnd, state.node_id, peer, "sk", sk_share))
+        commit_b.append(share_commitment(nonce, rnd, state.node_id, peer, "b", b_share))
+    # Older rounds can never be unmasked again (the server moved on): forget them.
+    state.rounds = {r: s for r, s in state.rounds.items() if r >= rnd - 1}
+    state.rounds[rnd] = RoundSecrets(
+        round=rnd,
+        cohort=cohort,
+        degree=degree,
+        threshold=t,
+        graph_seed=seed,
+        neighbours=peers,
+        lt_keys=lt_keys,
+        mask_key=mask_key,
+        self_seed=self_seed,
+        min_survivors=min_survivors,
+        groups=round_groups,
+    )
+    state.last_prepared = rnd
+    state.participated = True
+    return {
+        "round": rnd,
+        "mask-key": mask_public,
+        "seed-commitment": self_seed_commitment(nonce, rnd, state.node_id, self_seed),
+        "to": peers,
+        "packages": packages,
+        "commit-sk": commit_sk,
+        "commit-b": commit_b,
+    }
+
+
+def client_mask(
+    state: ClientState,
+    request: dict,
+    update: np.ndarray,
+    weight: int,
+    encoder: Encoder,
+    content_digest: bytes,
+) -> tuple[dict, dict]:
+    """Mask ``weight * update`` for the round; returns (upload, report of what was clipped).
+
+    ``content_digest`` is the canonical digest of the training message (model, config)
+    and the node's run config: it enters every pairwise mask and the view tags.
+    """
+    rnd, nonce = _check_round_request(state, request)
+    secrets = _round(state, rnd)
+    if secrets.uploaded or secrets.prepared:
+        raise RefusedError(Refusal.REPLAY, f"round {rnd} was already trained")
+    prepared = _ids(request, "prepared")
+    if prepared != sorted(set(prepared)) or not set(prepared) <= set(secrets.cohort):
+        raise RefusedError(Refusal.BAD_REQUEST, "the prepared nodes are not part of the cohort")
+    if state.node_id not in prepared or len(prepared) < secrets.min_survivors:
+        raise RefusedError(
+            Refusal.BELOW_FLOOR,
+            f"{len(prepared)} prepared nodes, at least "
+            f"{secrets.min_survivors} needed and this node among them",
+        )
+    if secrets.groups and not groups.is_union_of_groups(secrets.groups, prepared):
+        raise RefusedError(Refusal.GROUPS, "the prepared nodes are not a union of whole groups")
+    live = secrets.live_neighbours(prepared)
+    if len(live) < secrets.threshold:
+        raise RefusedError(
+            Refusal.BELOW_FLOOR,
+            f"{len(live)} neighbours prepared, fewer than the threshold {secrets.threshold}",
+        )
+    owners = _ids(request, "from")
+    if owners != live or not len(request["packages"]) == len(request["commit-sk"]) == len(
+        request["commit-b"]
+    ) == len(live):
+        raise RefusedError(Refusal.BAD_REQUEST, "share packages are not those of the neighbours")
+    for owner, blob, c_sk, c_b in zip(
+        owners, request["packages"], request["commit-sk"], request["commit-b"], strict=True
+    ):
+        key = seal_key(state.lt_key, state.node_id, secrets.lt_keys[owner], owner, nonce)
+        try:
+            plain = keys.open_sealed(key, blob, package_ad(nonce, rnd, owner, state.node_id))
+        except keys.DecryptionError:
+            raise RefusedError(
+                Refusal.BAD_SHARE, f"the share package of node {owner} failed authentication"
+            ) from None
+        mask_public, sk_share, b_share = _split_package(plain)
+        if share_commitment(nonce, rnd, owner, state.node_id, "sk", sk_share) != c_sk or (
+            share_commitment(nonce, rnd, owner, state.node_id, "b", b_share) != c_b
+        ):
+            raise RefusedError(
+                Refusal.BAD_SHARE, f"node {owner}'s shares do not match their commitments"
+            )
+        secrets.mask_keys[owner] = mask_public
+        secrets.held[owner] = [sk_share, b_share]
+    secrets.prepared = prepared
+    secrets.view = view_digest(nonce, secrets, content_digest)
+
+    encoded = encoder.encode(update, weight)
     vector = np.concatenate(
         [encoded.values, np.array([encoded.weight, encoded.clipped], dtype=np.uint32)]
     )
-    self_seed = os.urandom(32)
-    vector += expand_mask(self_seed, _context(state.run, rnd, state.node_id), vector.size)
-    for peer in peers:
-        mask = expand_mask(state.pair(peer).mask_seed, _context(state.run, rnd), vector.size)
+    vector += expand_mask(secrets.self_seed, _SELF + canonical.encode([nonce, rnd]), vector.size)
+    tags = []
+    for peer in live:
+        pair = pair_keys(secrets.mask_key, state.node_id, secrets.mask_keys[peer], peer, nonce, rnd)
+        mask = expand_mask(pair.mask_seed(secrets.view), _PAIR, vector.size)
         if _sign(state.node_id, peer) > 0:
             vector += mask
         else:
             vector -= mask  # uint32 arithmetic wraps modulo 2^32
-    t = graph.threshold(len(peers), state.threshold_fraction)
-    shares = shamir.split(self_seed, t, len(peers))
-    sealed = [
-        keys.seal(
-            state.pair(peer).encryption_key,
-            share,
-            _ad(b"b", state.run, rnd, state.node_id, peer, state.epoch, state.roster[peer][1]),
-        )
-        for peer, share in zip(peers, shares, strict=True)
-    ]
-    state.uploaded = True
-    upload = {"round": rnd, "masked": vector.astype("<u4").tobytes(), "to": peers, "shares": sealed}
+        tags.append(keys.mac(pair.mac_key, tag_message(state.node_id, peer, secrets.view)))
+    secrets.uploaded = True
+    upload = {
+        "round": rnd,
+        "masked": vector.astype("<u4").tobytes(),
+        "view": secrets.view,
+        "tags-to": live,
+        "tags": tags,
+    }
     return upload, {"clipped": encoded.clipped, "weight-capped": int(encoded.weight_capped)}
 
 
-def client_consistency(state: ClientState, request: dict, identity: Identity) -> dict:
-    """Consistency stage: sign the survivor and dropped lists, once per round."""
-    survivors, dropped = _checked_lists(state, request, "consistency")
-    if state.signed:
-        raise RefusedError(f"round {state.round}'s lists were already signed (replay)")
-    state.signed = [survivors, dropped]
-    message = signing.consistency_message(state.run, state.round, survivors, dropped)
-    return {"round": state.round, "signature": signing.sign(identity.signing_key, message)}
+def client_sign(state: ClientState, request: dict, identity: Identity) -> dict:
+    """Consistency check: sign the one round view this node was shown, once per round."""
+    secrets, survivors, dropped = _checked_lists(state, request)
+    if secrets.signed:
+        raise RefusedError(Refusal.REPLAY, f"round {secrets.round}'s view was already signed")
+    secrets.signed = round_view(state.nonce, secrets, survivors, dropped)
+    return {"round": secrets.round, "signature": signing.sign(identity.signing_key, secrets.signed)}
 
 
 def client_unmask(
@@ -243,177 +234,182 @@ def client_unmask(
     request: dict,
     rule: UnmaskRule | None = None,
     identity: Identity | None = None,
+    max_colluders: int = 0,
 ) -> dict:
-    """Step 4: check the server's request; reveal only what keeps every input hidden."""
-    survivors, dropped = _checked_lists(state, request, "unmask")
-    rnd = state.round
-    round_peers = state.round_neighbours()
+    """Check the server's request; reveal one share per neighbour and never both secrets."""
+    secrets, survivors, dropped = _checked_lists(state, request)
+    if rule is not None and (why := rule(survivors, dropped, secrets.prepared)) is not None:
+        raise RefusedError(Refusal.GROUPS, f"unmask rule: {why}")
+    live = secrets.live_neighbours(survivors)
+    if _ids(request, "tags-from") != live or len(request["tags"]) != len(live):
+        raise RefusedError(Refusal.BAD_REQUEST, "view tags are not those of the live neighbours")
+    for peer, tag in zip(live, request["tags"], strict=True):
+        pair = pair_keys(
+            secrets.mask_key,
+            state.node_id,
+            secrets.mask_keys[peer],
+            peer,
+            state.nonce,
+            secrets.round,
+        )
+        if not keys.mac_ok(pair.mac_key, tag_message(peer, state.node_id, secrets.view), tag):
+            raise RefusedError(
+                Refusal.INCONSISTENT_VIEW,
+                f"node {peer} masked under another view of round {secrets.round} "
+                "(model, config, run config or cohort)",
+            )
     if identity is not None:
-        _check_consistency(state, request, survivors, dropped)
-    broken = groups.incomplete_groups(state.groups, survivors)
-    if broken:
-        raise RefusedError(f"groups {broken} are incomplete in the survivor list")
-    if len(survivors) < state.min_survivors:
-        raise RefusedError(
-            f"{len(survivors)} survivors, but the round promised at least {state.min_survivors}"
-        )
-    if rule is not None and (why := rule(survivors, dropped, state.cohort)) is not None:
-        raise RefusedError(f"unmask rule: {why}")
-    owners = [int(x) for x in request["from"]]
-    sealed = list(request["sealed"])
-    if len(owners) != len(sealed) or len(set(owners)) != len(owners):
-        raise RefusedError("malformed share list")
-    all_peers = set(state.neighbours())
-    outside = [u for u in owners if u not in all_peers]
-    if outside:
-        raise RefusedError(f"shares requested of nodes {outside} outside this node's neighbourhood")
-    sk_of, sk_shares, b_of, b_shares = [], [], [], []
-    for owner, blob in zip(owners, sealed, strict=True):
-        owner_epoch = state.roster[owner][1]
-        if owner in dropped:
-            ad = _ad(b"sk", state.run, owner, state.node_id, owner_epoch, state.epoch)
-            target_of, target = sk_of, sk_shares
+        check_signatures(state, secrets, request, survivors, dropped, identity, max_colluders)
+    alive = set(survivors)
+    reply: dict = {"round": secrets.round, "b-of": [], "b-shares": [], "sk-of": [], "sk-shares": []}
+    for owner in sorted(secrets.held):
+        sk_share, b_share = secrets.held[owner]
+        if owner in alive:
+            reply["b-of"].append(owner)
+            reply["b-shares"].append(b_share)
         else:
-            if owner not in round_peers:
-                raise RefusedError(f"self-mask share of node {owner}, not a neighbour this round")
-            if state.burned.get(owner) == owner_epoch:
-                raise RefusedError(f"node {owner}'s key was rebuilt: its self masks stay secret")
-            ad = _ad(b"b", state.run, rnd, owner, state.node_id, owner_epoch, state.epoch)
-            target_of, target = b_of, b_shares
-        try:
-            share = keys.open_sealed(state.pair(owner).encryption_key, blob, ad)
-        except keys.DecryptionError:
-            raise RefusedError(f"the share from node {owner} failed authentication") from None
-        target_of.append(owner)
-        target.append(share)
-    for owner in sk_of:
-        state.burned[owner] = state.roster[owner][1]
-    state.unmasked = True
-    return {
-        "round": rnd,
-        "sk-of": sk_of,
-        "sk-shares": sk_shares,
-        "b-of": b_of,
-        "b-shares": b_shares,
-    }
+            reply["sk-of"].append(owner)
+            reply["sk-shares"].append(sk_share)
+    secrets.answered = True
+    secrets.forget_secrets()
+    return reply
 
 
-def _checked_lists(state: ClientState, request: dict, stage: str) -> tuple[list[int], list[int]]:
+# -- checks ---------------------------------------------------------------------------
+
+
+def _checked_lists(state: ClientState, request: dict) -> tuple[RoundSecrets, list[int], list[int]]:
     """The survivor and dropped lists of a request, after every check a node makes."""
-    _check_run(state, request)
-    rnd = int(request["round"])
-    if rnd != state.round or not state.uploaded:
-        raise RefusedError(
-            f"{stage} request for round {rnd}, but this node uploaded in no such round"
-        )
-    if state.unmasked:
-        raise RefusedError(f"round {rnd} was already unmasked (replay)")
-    survivors = [int(x) for x in request["survivors"]]
-    dropped = [int(x) for x in request["dropped"]]
+    rnd, _ = _check_round_request(state, request)
+    secrets = _round(state, rnd)
+    if not secrets.uploaded:
+        raise RefusedError(Refusal.REPLAY, f"this node uploaded nothing in round {rnd}")
+    if secrets.answered:
+        raise RefusedError(Refusal.REPLAY, f"round {rnd} was already unmasked")
+    survivors, dropped = _ids(request, "survivors"), _ids(request, "dropped")
     both = sorted(set(survivors) & set(dropped))
     if both:
-        raise RefusedError(f"nodes {both} are listed both as survivor and as dropped")
-    if sorted(survivors + dropped) != state.cohort:
-        raise RefusedError("survivors and dropped nodes do not make up the round's cohort")
+        raise RefusedError(Refusal.BAD_REQUEST, f"nodes {both} are both survivor and dropped")
+    if sorted(survivors + dropped) != secrets.prepared:
+        raise RefusedError(Refusal.BAD_REQUEST, "survivors and dropped are not the round's cohort")
     if state.node_id not in survivors:
-        raise RefusedError("this node uploaded but is not listed as a survivor")
-    round_peers = state.round_neighbours()
-    live_peers = [v for v in round_peers if v in survivors]
-    t = graph.threshold(len(round_peers), state.threshold_fraction)
-    if len(live_peers) < t:
+        raise RefusedError(Refusal.BAD_REQUEST, "this node uploaded but is not a survivor")
+    if len(survivors) < secrets.min_survivors:
         raise RefusedError(
-            f"only {len(live_peers)} surviving neighbours named, fewer than the threshold {t}"
+            Refusal.BELOW_FLOOR,
+            f"{len(survivors)} survivors, the round promised at least {secrets.min_survivors}",
         )
-    return survivors, dropped
+    broken = groups.incomplete_groups(secrets.groups, survivors)
+    if broken:
+        raise RefusedError(Refusal.GROUPS, f"groups {broken} are incomplete among the survivors")
+    live = secrets.live_neighbours(survivors)
+    if len(live) < secrets.threshold:
+        raise RefusedError(
+            Refusal.BELOW_FLOOR,
+            f"only {len(live)} surviving neighbours, fewer than the threshold {secrets.threshold}",
+        )
+    return secrets, survivors, dropped
 
 
-def _checked_groups(state: ClientState, request: dict, cohort: list[int]) -> list[list[int]]:
-    """The round's groups, recomputed from the run seed; the cohort must be whole groups."""
+def _checked_groups(
+    state: ClientState, request: dict, cohort: list[int], floors: ClientFloors
+) -> list[list[int]]:
+    """The round's groups, recomputed from the run's seed; the cohort must be whole groups."""
     if "group-size" not in request:
+        if state.generations or floors.min_group_size:
+            raise RefusedError(Refusal.GROUPS, "groups are required in this run, none were sent")
         return []
     size = int(request["group-size"])
-    if size < 2:
-        raise RefusedError(f"group size {size} protects nobody: at least 2 needed")
+    if size < max(2, floors.min_group_size):
+        raise RefusedError(
+            Refusal.BELOW_FLOOR,
+            f"group size {size}, this node needs {max(2, floors.min_group_size)}",
+        )
     try:
         generations = groups.unflatten(
-            [int(x) for x in request["generation-nodes"]],
-            [int(x) for x in request["generation-sizes"]],
+            _ids(request, "generation-nodes"), [int(x) for x in request["generation-sizes"]]
         )
         seed = _bytes(request, "group-seed")
         round_groups = groups.groups_from_generations(generations, size, seed)
     except ValueError as err:
-        raise RefusedError(f"the groups are not a partition of the run's nodes: {err}") from None
+        raise RefusedError(Refusal.GROUPS, f"the groups are not a partition: {err}") from None
     if (state.group_seed and seed != state.group_seed) or (
         generations[: len(state.generations)] != state.generations
     ):
         # Regrouping could let rounds be differenced down to fewer than T nodes.
-        raise RefusedError("the server regrouped nodes: groups formed earlier changed")
+        raise RefusedError(
+            Refusal.GROUPS, "the server regrouped nodes: groups formed earlier changed"
+        )
+    if state.group_size and size != state.group_size:
+        raise RefusedError(Refusal.GROUPS, "the group size changed during the run")
     if not groups.is_union_of_groups(round_groups, cohort):
-        raise RefusedError("the cohort is not a union of whole groups")
-    state.generations, state.group_seed = generations, seed
+        raise RefusedError(Refusal.GROUPS, "the cohort is not a union of whole groups")
+    state.generations, state.group_seed, state.group_size = generations, seed, size
     return round_groups
 
 
 def _check_signed_keys(
     state: ClientState,
     request: dict,
-    node_ids: list[int],
-    public_keys: list[bytes],
-    epochs: list[int],
+    nonce: bytes,
+    peers: list[int],
+    lt_keys: dict[int, bytes],
     identity: Identity,
 ) -> None:
-    signing_keys = list(request.get("signing-keys", []))
-    signatures = list(request.get("key-signatures", []))
-    if len(signing_keys) != len(node_ids) or len(signatures) != len(node_ids):
-        raise RefusedError("the server sent keys without their owners' signatures")
-    if len(set(signing_keys)) != len(signing_keys):
-        raise RefusedError("one signing key stands for several nodes")
-    for node, key, epoch, signer, signature in zip(
-        node_ids, public_keys, epochs, signing_keys, signatures, strict=True
-    ):
+    signers, signatures = list(request.get("signing-keys", [])), list(request.get("signatures", []))
+    if len(signers) != len(peers) or len(signatures) != len(peers):
+        raise RefusedError(Refusal.UNSIGNED, "the server sent keys without their signatures")
+    if len(set(signers)) != len(signers):
+        raise RefusedError(Refusal.UNSIGNED, "one signing key stands for several nodes")
+    for node, signer, signature in zip(peers, signers, signatures, strict=True):
         if signer not in identity.trusted:
-            raise RefusedError(f"node {node}'s signing key is not in the roster")
+            raise RefusedError(Refusal.UNSIGNED, f"node {node}'s signing key is not in the roster")
         if state.signers.get(node, signer) != signer:
-            raise RefusedError(f"node {node}'s signing key changed during the run")
-        message = signing.advertise_message(state.run, node, epoch, key)
-        if not signing.verify(signer, signature, message):
-            raise RefusedError(f"node {node}'s key signature does not verify")
-    state.signers.update(zip(node_ids, signing_keys, strict=True))
+            raise RefusedError(Refusal.UNSIGNED, f"node {node}'s signing key changed")
+        if not signing.verify(signer, signature, advertise_message(nonce, node, lt_keys[node])):
+            raise RefusedError(Refusal.UNSIGNED, f"node {node}'s key signature does not verify")
+    state.signers.update(zip(peers, signers, strict=True))
 
 
-def _check_consistency(
-    state: ClientState, request: dict, survivors: list[int], dropped: list[int]
-) -> None:
-    if state.signed != [survivors, dropped]:
-        raise RefusedError("the unmask lists differ from the lists this node signed")
-    signers = [int(x) for x in request.get("signers", [])]
-    signatures = list(request.get("signatures", []))
-    if len(signers) != len(signatures):
-        raise RefusedError("malformed signature list")
-    message = signing.consistency_message(state.run, state.round, survivors, dropped)
-    peers = set(state.round_neighbours())
-    valid = {
-        node
-        for node, signature in zip(signers, signatures, strict=True)
-        if node in peers
-        and node in state.signers
-        and signing.verify(state.signers[node], signature, message)
-    }
-    t = graph.threshold(len(peers), state.threshold_fraction)
-    if len(valid) < t:
+def _check_version(request: dict) -> None:
+    if request.get("protocol") != PROTOCOL:
         raise RefusedError(
-            f"only {len(valid)} neighbours signed the lists this node signed, fewer than "
-            f"the threshold {t} (the server shows different nodes different lists)"
+            Refusal.VERSION, f"protocol {request.get('protocol')!r}, this node speaks {PROTOCOL}"
         )
 
 
-def _check_run(state: ClientState, request: dict) -> None:
-    if _bytes(request, "run") != state.run or not state.private_key:
-        raise RefusedError("the request belongs to another run or key set-up (replay)")
+def _check_round_request(state: ClientState, request: dict) -> tuple[int, bytes]:
+    _check_version(request)
+    nonce = _bytes(request, "nonce")
+    if nonce != state.nonce or not state.lt_key:
+        raise RefusedError(Refusal.REPLAY, "the request belongs to another protocol run")
+    return int(request["round"]), nonce
+
+
+def _round(state: ClientState, rnd: int) -> RoundSecrets:
+    secrets = state.rounds.get(rnd)
+    if secrets is None:
+        raise RefusedError(Refusal.REPLAY, f"this node prepared no round {rnd}")
+    return secrets
+
+
+def _split_package(plain: bytes) -> tuple[bytes, bytes, bytes]:
+    size = shamir.SHARE_BYTES
+    if len(plain) != keys.PUBLIC_KEY_BYTES + 2 * size:
+        raise RefusedError(Refusal.BAD_SHARE, "a share package has the wrong length")
+    pk = plain[: keys.PUBLIC_KEY_BYTES]
+    return pk, plain[keys.PUBLIC_KEY_BYTES : -size], plain[-size:]
+
+
+def _ids(request: dict, key: str) -> list[int]:
+    value = request.get(key)
+    if not isinstance(value, list):
+        raise RefusedError(Refusal.BAD_REQUEST, f"request field {key!r} is missing or not a list")
+    return [int(x) for x in value]
 
 
 def _bytes(request: dict, key: str) -> bytes:
     value = request.get(key)
     if not isinstance(value, bytes):
-        raise RefusedError(f"request field {key!r} is missing or not bytes")
+        raise RefusedError(Refusal.BAD_REQUEST, f"request field {key!r} is missing or not bytes")
     return value

@@ -4,29 +4,20 @@ from __future__ import annotations
 
 import os
 import struct
-from dataclasses import dataclass
 
-from cryptography.exceptions import InvalidTag
-from cryptography.hazmat.primitives import hashes
+from cryptography.exceptions import InvalidSignature, InvalidTag
+from cryptography.hazmat.primitives import hashes, hmac
 from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey, X25519PublicKey
 from cryptography.hazmat.primitives.ciphers.aead import ChaCha20Poly1305
 from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 
 PUBLIC_KEY_BYTES = 32
-_PAIR_INFO = b"flower-privacy/secagg/pair/v1|"
+_PAIR_INFO = b"flower-privacy/secagg/pair/v2|"
 _NONCE_BYTES = 12
 
 
 class DecryptionError(Exception):
     """A ciphertext failed authentication (tampered, misaddressed, or wrong key)."""
-
-
-@dataclass(frozen=True)
-class PairSecrets:
-    """What two nodes share after key agreement."""
-
-    encryption_key: bytes  # ChaCha20-Poly1305 key for shares sent between them
-    mask_seed: bytes  # seed of their pairwise masks (round in the mask context)
 
 
 def generate_private_key() -> bytes:
@@ -39,10 +30,13 @@ def public_key(private_key: bytes) -> bytes:
     return X25519PrivateKey.from_private_bytes(private_key).public_key().public_bytes_raw()
 
 
-def pair_secrets(
+def pair_material(
     private_key: bytes, own_id: int, peer_public_key: bytes, peer_id: int, context: bytes
-) -> PairSecrets:
-    """Derive the secrets two nodes share, bound to both ids and ``context`` (the run)."""
+) -> bytes:
+    """64 bytes two nodes share, bound to both ids and ``context`` (purpose, run, round).
+
+    Raises ``ValueError`` for a malformed or low-order peer key (an all-zero secret).
+    """
     if len(peer_public_key) != PUBLIC_KEY_BYTES:
         raise ValueError(f"public key must be {PUBLIC_KEY_BYTES} bytes, got {len(peer_public_key)}")
     if own_id == peer_id:
@@ -52,8 +46,25 @@ def pair_secrets(
     )
     low, high = sorted((own_id, peer_id))
     info = _PAIR_INFO + struct.pack("<QQ", low, high) + context
-    material = HKDF(algorithm=hashes.SHA256(), length=64, salt=None, info=info).derive(shared)
-    return PairSecrets(encryption_key=material[:32], mask_seed=material[32:])
+    return HKDF(algorithm=hashes.SHA256(), length=64, salt=None, info=info).derive(shared)
+
+
+def mac(key: bytes, message: bytes) -> bytes:
+    """HMAC-SHA256 tag of ``message``."""
+    h = hmac.HMAC(key, hashes.SHA256())
+    h.update(message)
+    return h.finalize()
+
+
+def mac_ok(key: bytes, message: bytes, tag: bytes) -> bool:
+    """Constant-time check of a :func:`mac` tag."""
+    h = hmac.HMAC(key, hashes.SHA256())
+    h.update(message)
+    try:
+        h.verify(tag)
+    except InvalidSignature:
+        return False
+    return True
 
 
 def seal(key: bytes, plaintext: bytes, associated_data: bytes) -> bytes:

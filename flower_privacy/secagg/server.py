@@ -3,15 +3,25 @@
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 
-from flower_privacy.secagg import graph, keys, shamir, signing
+from flower_privacy.secagg import canonical, graph, keys, shamir, signing
 from flower_privacy.secagg._common import EXTRA_SLOTS, PROTOCOL, ProtocolError
-from flower_privacy.secagg._common import context as _context
 from flower_privacy.secagg._common import mask_sign as _sign
+from flower_privacy.secagg.floors import required_threshold
 from flower_privacy.secagg.prg import expand_mask
+from flower_privacy.secagg.views import (
+    advertise_message,
+    pair_keys,
+    self_seed_commitment,
+    share_commitment,
+)
+
+_SELF = b"self-mask|"
+_PAIR = b"pair-mask|"
+_DIGEST = 32
 
 
 @dataclass
@@ -23,286 +33,331 @@ class RoundResult:
     clipped: int  # clipped coordinates over all survivors
     survivors: list[int]
     dropped: list[int]
+    bad_holders: list[int] = field(default_factory=list)  # revealed shares that failed
+
+
+@dataclass
+class _Round:
+    cohort: list[int]
+    degree: int
+    threshold: int
+    seed: bytes
+    neighbours: dict[int, list[int]]
+    prepares: dict[int, dict] = field(default_factory=dict)
+    prepared: list[int] = field(default_factory=list)
+    uploads: dict[int, dict] = field(default_factory=dict)
+    signatures: dict[int, bytes] = field(default_factory=dict)
 
 
 class SecAggServer:
-    """Server side of the protocol: keeps the roster and shares, sums and unmasks."""
+    """Server side: long-term key directory, per-round share routing, sums and unmasking.
+
+    Parameters
+    ----------
+    max_colluders : int
+        c: the threshold is ``floor((k + c) / 2) + 1`` for k holders (clients may demand more).
+    degree : int | None
+        Neighbours per node in each round's graph (default: all up to 8, else ~2·log2 n).
+    consistency : bool
+        Require signed long-term keys and run the signed-view consistency stage.
+    """
 
     def __init__(
-        self,
-        *,
-        threshold_fraction: float = 0.5,
-        degree: int | None = None,
-        run: bytes | None = None,
-        consistency: bool = False,
+        self, *, max_colluders: int = 0, degree: int | None = None, consistency: bool = False
     ) -> None:
-        graph.threshold(2, threshold_fraction)  # validates the fraction
-        self.consistency = consistency
-        self._signing: dict[int, tuple[bytes, bytes]] = {}  # node -> (signing key, signature)
-        self._signatures: dict[int, bytes] = {}
-        self.threshold_fraction = threshold_fraction
-        self.degree = degree
-        self.run = run if run is not None else os.urandom(16)
-        self.roster: dict[int, tuple[bytes, int]] = {}
-        self.rekey: set[int] = set()
-        self.population: list[int] = []
-        self._graph: dict[int, list[int]] = {}
-        self._sk_shares: dict[int, dict[int, bytes]] = {}
-        self._uploads: dict[int, dict] = {}
-        self._round = 0
-        self._cohort: list[int] = []
+        if max_colluders < 0:
+            raise ValueError(f"max_colluders must be >= 0, got {max_colluders}")
+        if degree is not None and degree < 2:
+            raise ValueError(f"degree must be >= 2, got {degree}")
+        self.max_colluders, self.degree, self.consistency = max_colluders, degree, consistency
+        self.nonce = os.urandom(16)
+        self.lt_keys: dict[int, bytes] = {}
+        self._signing: dict[int, tuple[bytes, bytes]] = {}  # node -> (signing key, binding)
+        self._rounds: dict[int, _Round] = {}
 
-    # -- set-up --------------------------------------------------------------------
+    # -- long-term keys -------------------------------------------------------------
 
-    def nodes_to_key(self, nodes: list[int]) -> list[int]:
-        """Nodes that must (re-)advertise a key before they can take part."""
-        return sorted(n for n in nodes if n not in self.roster or n in self.rekey)
-
-    def needs_distribution(self, nodes: list[int]) -> bool:
-        """True when the keyed population changed since the last distribution."""
-        return sorted(nodes) != self.population
+    def nodes_to_advertise(self, nodes: list[int]) -> list[int]:
+        return sorted(n for n in nodes if n not in self.lt_keys)
 
     def advertise_request(self) -> dict:
-        return {"protocol": PROTOCOL, "run": self.run}
+        return {"protocol": PROTOCOL, "nonce": self.nonce}
 
     def accept_advertisement(self, node: int, reply: dict) -> None:
-        key = reply.get("public-key")
-        epoch = reply.get("epoch")
+        key = reply.get("lt-key")
         if not isinstance(key, bytes) or len(key) != keys.PUBLIC_KEY_BYTES:
-            raise ProtocolError(f"node {node} advertised no valid public key")
-        if not isinstance(epoch, int) or epoch <= self.roster.get(node, (b"", 0))[1]:
-            raise ProtocolError(f"node {node} advertised a stale key epoch {epoch!r}")
+            raise ProtocolError(f"node {node} advertised no valid long-term key")
         if self.consistency:
-            signer, signature = reply.get("signing-key"), reply.get("key-signature")
-            message = signing.advertise_message(self.run, node, epoch, key)
+            signer, binding = reply.get("signing-key"), reply.get("key-signature")
             if not (
                 isinstance(signer, bytes)
-                and isinstance(signature, bytes)
-                and signing.verify(signer, signature, message)
+                and isinstance(binding, bytes)
+                and signing.verify(signer, binding, advertise_message(self.nonce, node, key))
             ):
                 raise ProtocolError(
                     f"node {node} advertised no validly signed key: the consistency option "
                     "needs a signing key on every node (node config secagg-signing-key)"
                 )
-            self._signing[node] = (signer, signature)
-        self.roster[node] = (key, epoch)
-        self.rekey.discard(node)
-        self.population = []  # a new key must reach every node: distribute again
+            self._signing[node] = (signer, binding)
+        self.lt_keys[node] = key
 
-    def distribute_request(self, nodes: list[int]) -> dict:
-        nodes = sorted(nodes)
-        missing = self.nodes_to_key(nodes)
-        if missing:
-            raise ProtocolError(f"nodes {missing} have no current key")
-        degree = self.degree if self.degree is not None else graph.default_degree(len(nodes))
-        degree = min(degree, len(nodes) - 1)
-        self._pending_graph = (nodes, degree, graph.neighbours(nodes, degree, self.run))
-        request = {
-            "protocol": PROTOCOL,
-            "run": self.run,
-            "node-ids": nodes,
-            "public-keys": [self.roster[n][0] for n in nodes],
-            "epochs": [self.roster[n][1] for n in nodes],
-            "degree": degree,
-            "threshold-fraction": self.threshold_fraction,
-        }
-        if self.consistency:
-            request["signing-keys"] = [self._signing[n][0] for n in nodes]
-            request["key-signatures"] = [self._signing[n][1] for n in nodes]
-        return request
+    # -- one round ------------------------------------------------------------------
 
-    def accept_distributions(self, replies: dict[int, dict]) -> None:
-        """Store every node's sealed key shares; all nodes must have answered."""
-        nodes, _degree, neighbour_graph = self._pending_graph
-        missing = [n for n in nodes if n not in replies]
-        if missing:
-            raise ProtocolError(f"nodes {missing} did not distribute their key shares")
-        shares: dict[int, dict[int, bytes]] = {n: {} for n in nodes}
-        for node in nodes:
-            reply = replies[node]
-            if [int(x) for x in reply.get("to", [])] != neighbour_graph[node]:
-                raise ProtocolError(f"node {node} shared its key with the wrong neighbours")
-            if len(reply.get("shares", [])) != len(neighbour_graph[node]):
-                raise ProtocolError(f"node {node} sent the wrong number of key shares")
-            if reply.get("epoch") != self.roster[node][1]:
-                raise ProtocolError(f"node {node} distributed shares of a stale key")
-            for holder, blob in zip(neighbour_graph[node], reply["shares"], strict=True):
-                shares[holder][node] = blob
-        self.population, self._graph, self._sk_shares = nodes, neighbour_graph, shares
-
-    # -- rounds --------------------------------------------------------------------
-
-    def round_neighbours(self, node: int, cohort: list[int]) -> list[int]:
-        members = set(cohort)
-        return [v for v in self._graph[node] if v in members]
-
-    def train_request(self, rnd: int, cohort: list[int]) -> dict:
-        cohort = sorted(cohort)
-        outside = [n for n in cohort if n not in self._graph]
-        if outside:
-            raise ProtocolError(f"cohort nodes {outside} are not in the keyed population")
-        thin = [n for n in cohort if len(self.round_neighbours(n, cohort)) < 2]
-        if thin:
+    def prepare_requests(self, rnd: int, cohort: list[int], extra: dict) -> dict[int, dict]:
+        """Fix round ``rnd``'s cohort and graph; one prepare request per cohort node."""
+        cohort = sorted(set(cohort))
+        unknown = self.nodes_to_advertise(cohort)
+        if unknown:
+            raise ProtocolError(f"cohort nodes {unknown} have no long-term key")
+        if len(cohort) < 3:
+            raise ProtocolError(f"a cohort of {len(cohort)} nodes; secure aggregation needs 3")
+        degree = self.degree if self.degree is not None else graph.default_degree(len(cohort))
+        degree = min(degree, len(cohort) - 1)
+        seed = os.urandom(16)
+        neighbours = graph.neighbours(cohort, degree, seed)
+        holders = min(len(v) for v in neighbours.values())
+        t = required_threshold(holders, self.max_colluders)
+        if t > holders:
             raise ProtocolError(
-                f"cohort nodes {thin} have fewer than 2 neighbours in the cohort: select more "
-                "nodes per round or use a denser neighbour graph"
+                f"{holders} neighbours per node cannot meet the threshold {t} for "
+                f"max_colluders={self.max_colluders}: raise the degree or the cohort"
             )
-        self._round, self._cohort, self._uploads = rnd, cohort, {}
-        return {"protocol": PROTOCOL, "run": self.run, "round": rnd, "cohort": cohort}
+        self._rounds = {r: s for r, s in self._rounds.items() if r >= rnd - 1}
+        self._rounds[rnd] = _Round(cohort, degree, t, seed, neighbours)
+        requests = {}
+        for node in cohort:
+            peers = neighbours[node]
+            request = {
+                "protocol": PROTOCOL,
+                "nonce": self.nonce,
+                "round": rnd,
+                "cohort": cohort,
+                "degree": degree,
+                "threshold": t,
+                "graph-seed": seed,
+                "keys-of": peers,
+                "keys": [self.lt_keys[v] for v in peers],
+                **extra,
+            }
+            if self.consistency:
+                request["signing-keys"] = [self._signing[v][0] for v in peers]
+                request["signatures"] = [self._signing[v][1] for v in peers]
+            requests[node] = request
+        return requests
 
-    def accept_upload(self, node: int, reply: dict, length: int) -> str | None:
-        """Keep a masked upload; return why it is unusable, or None."""
-        if node not in self._cohort:
+    def has_round(self, rnd: int) -> bool:
+        return rnd in self._rounds
+
+    def cohort(self, rnd: int) -> list[int]:
+        return list(self._rounds[rnd].cohort)
+
+    def accept_prepare(self, rnd: int, node: int, reply: dict) -> str | None:
+        """Keep a node's sealed shares and commitments; return why unusable, or None."""
+        state = self._rounds[rnd]
+        peers = state.neighbours.get(node)
+        if peers is None:
             return "not in the round's cohort"
-        if reply.get("round") != self._round:
-            return f"upload for round {reply.get('round')!r}, expected {self._round}"
-        masked = reply.get("masked")
-        if not isinstance(masked, bytes) or len(masked) != 4 * (length + EXTRA_SLOTS):
-            return f"masked vector is not {4 * (length + EXTRA_SLOTS)} bytes"
-        peers = self.round_neighbours(node, self._cohort)
-        if [int(x) for x in reply.get("to", [])] != peers or len(reply.get("shares", [])) != len(
-            peers
+        if reply.get("round") != rnd:
+            return f"prepare reply for round {reply.get('round')!r}, expected {rnd}"
+        if [int(x) for x in reply.get("to", [])] != peers:
+            return "shares not addressed to its round neighbours"
+        if not _sized(reply.get("mask-key"), keys.PUBLIC_KEY_BYTES) or not _sized(
+            reply.get("seed-commitment"), _DIGEST
         ):
-            return "self-mask shares are not addressed to its round neighbours"
-        self._uploads[node] = reply
+            return "malformed round key or seed commitment"
+        for name in ("packages", "commit-sk", "commit-b"):
+            values = reply.get(name)
+            if not isinstance(values, list) or len(values) != len(peers):
+                return f"{name} do not match its neighbours"
+        if not all(_sized(c, _DIGEST) for c in reply["commit-sk"] + reply["commit-b"]):
+            return "malformed share commitments"
+        state.prepares[node] = reply
         return None
 
-    def consistency_requests(self) -> dict[int, dict]:
-        """Per survivor: the lists it is asked to sign (consistency option)."""
-        survivors = sorted(self._uploads)
-        dropped = [n for n in self._cohort if n not in self._uploads]
-        self._signatures = {}
+    def train_requests(self, rnd: int) -> dict[int, dict]:
+        """Per prepared node: the prepared cohort and the share packages it holds.
+
+        Nodes with fewer than t prepared neighbours are left out (repeatedly, since
+        leaving one out can thin another): their shares could not be rebuilt.
+        """
+        state = self._rounds[rnd]
+        prepared = set(state.prepares)
+        while True:
+            thin = {
+                u
+                for u in prepared
+                if len(prepared.intersection(state.neighbours[u])) < state.threshold
+            }
+            if not thin:
+                break
+            prepared -= thin
+        state.prepared = sorted(prepared)
+        requests = {}
+        for holder in state.prepared:
+            owners = [u for u in state.neighbours[holder] if u in prepared]
+            packages, commit_sk, commit_b = [], [], []
+            for owner in owners:
+                reply = state.prepares[owner]
+                index = state.neighbours[owner].index(holder)
+                packages.append(reply["packages"][index])
+                commit_sk.append(reply["commit-sk"][index])
+                commit_b.append(reply["commit-b"][index])
+            requests[holder] = {
+                "protocol": PROTOCOL,
+                "nonce": self.nonce,
+                "round": rnd,
+                "prepared": state.prepared,
+                "from": owners,
+                "packages": packages,
+                "commit-sk": commit_sk,
+                "commit-b": commit_b,
+            }
+        return requests
+
+    def prepared(self, rnd: int) -> list[int]:
+        return list(self._rounds[rnd].prepared)
+
+    def accept_upload(self, rnd: int, node: int, reply: dict, length: int) -> str | None:
+        """Keep a masked upload; return why it is unusable, or None."""
+        state = self._rounds[rnd]
+        if node not in state.prepared:
+            return "not in the round's prepared cohort"
+        if reply.get("round") != rnd:
+            return f"upload for round {reply.get('round')!r}, expected {rnd}"
+        if not _sized(reply.get("masked"), 4 * (length + EXTRA_SLOTS)):
+            return f"masked vector is not {4 * (length + EXTRA_SLOTS)} bytes"
+        live = [v for v in state.neighbours[node] if v in set(state.prepared)]
+        tags = reply.get("tags")
+        if [int(x) for x in reply.get("tags-to", [])] != live or not (
+            isinstance(tags, list)
+            and len(tags) == len(live)
+            and all(_sized(t, _DIGEST) for t in tags)
+        ):
+            return "view tags are not addressed to its round neighbours"
+        if not _sized(reply.get("view"), _DIGEST):
+            return "no view digest"
+        state.uploads[node] = reply
+        return None
+
+    def survivors(self, rnd: int) -> list[int]:
+        return sorted(self._rounds[rnd].uploads)
+
+    def exclude(self, rnd: int, nodes: list[int]) -> None:
+        """Treat uploaded ``nodes`` as dropped (e.g. the rest of an incomplete group)."""
+        for node in nodes:
+            self._rounds[rnd].uploads.pop(node, None)
+
+    def _lists(self, rnd: int) -> tuple[list[int], list[int]]:
+        state = self._rounds[rnd]
+        survivors = sorted(state.uploads)
+        return survivors, [n for n in state.prepared if n not in state.uploads]
+
+    def consistency_requests(self, rnd: int) -> dict[int, dict]:
+        survivors, dropped = self._lists(rnd)
+        self._rounds[rnd].signatures = {}
         request = {
             "protocol": PROTOCOL,
-            "run": self.run,
-            "round": self._round,
+            "nonce": self.nonce,
+            "round": rnd,
             "survivors": survivors,
             "dropped": dropped,
         }
         return {node: request for node in survivors}
 
-    def accept_consistency(self, replies: dict[int, dict]) -> None:
-        """Keep the valid signatures of the survivor lists."""
-        survivors = sorted(self._uploads)
-        dropped = [n for n in self._cohort if n not in self._uploads]
-        message = signing.consistency_message(self.run, self._round, survivors, dropped)
+    def accept_consistency(self, rnd: int, replies: dict[int, dict]) -> None:
+        """Keep the signatures (the clients verify them; the server cannot forge any)."""
+        state = self._rounds[rnd]
         for node, reply in replies.items():
-            signature = reply.get("signature")
-            if (
-                node in self._uploads
-                and isinstance(signature, bytes)
-                and signing.verify(self._signing[node][0], signature, message)
-            ):
-                self._signatures[node] = signature
+            if node in state.uploads and _sized(reply.get("signature"), 64):
+                state.signatures[node] = reply["signature"]
 
-    def exclude(self, nodes: list[int]) -> None:
-        """Treat uploaded ``nodes`` as dropped (e.g. the rest of an incomplete group).
-
-        They will not be asked to unmask, so they re-key before their next round.
-        """
-        for node in nodes:
-            if self._uploads.pop(node, None) is not None:
-                self.rekey.add(node)
-
-    def abandon_round(self) -> None:
-        """The round failed after uploads: its nodes re-key before they take part again.
-
-        Uploaders were not unmasked as survivors (they refuse to mask under their keys
-        again), and shares of the dropped nodes' keys may already have been revealed.
-        """
-        self.rekey.update(self._cohort)
-        self._uploads = {}
-
-    def survivors(self) -> list[int]:
-        """Nodes whose upload is kept this round."""
-        return sorted(self._uploads)
-
-    def unmask_requests(self) -> dict[int, dict]:
-        """Per survivor: the survivor/dropped lists and the sealed shares it holds.
-
-        With the consistency option, only nodes that signed the lists are asked, and
-        every request carries all signatures.
-        """
-        survivors = sorted(self._uploads)
-        dropped = [n for n in self._cohort if n not in self._uploads]
+    def unmask_requests(self, rnd: int) -> dict[int, dict]:
+        """Per survivor: the lists, its live neighbours' view tags and (option) signatures."""
+        state = self._rounds[rnd]
+        survivors, dropped = self._lists(rnd)
+        alive = set(survivors)
+        signed = sorted(state.signatures)
         requests = {}
-        holders = [n for n in survivors if n in self._signatures] if self.consistency else survivors
-        for holder in holders:
-            owners, sealed = [], []
-            for owner in self._graph[holder]:
-                if owner in dropped:
-                    owners.append(owner)
-                    sealed.append(self._sk_shares[holder][owner])
-                elif owner in self._uploads:
-                    upload = self._uploads[owner]
-                    idx = [int(x) for x in upload["to"]].index(holder)
-                    owners.append(owner)
-                    sealed.append(upload["shares"][idx])
-            requests[holder] = {
+        for holder in survivors:
+            live = [u for u in state.neighbours[holder] if u in alive]
+            tags = []
+            for sender in live:
+                upload = state.uploads[sender]
+                tags.append(upload["tags"][[int(x) for x in upload["tags-to"]].index(holder)])
+            request = {
                 "protocol": PROTOCOL,
-                "run": self.run,
-                "round": self._round,
+                "nonce": self.nonce,
+                "round": rnd,
                 "survivors": survivors,
                 "dropped": dropped,
-                "from": owners,
-                "sealed": sealed,
+                "tags-from": live,
+                "tags": tags,
             }
             if self.consistency:
-                requests[holder]["signers"] = sorted(self._signatures)
-                requests[holder]["signatures"] = [
-                    self._signatures[n] for n in sorted(self._signatures)
-                ]
+                request.update(
+                    {
+                        "signers": signed,
+                        "signatures": [state.signatures[n] for n in signed],
+                        "signer-keys": [self._signing[n][0] for n in signed],
+                        "signer-lt-keys": [self.lt_keys[n] for n in signed],
+                        "signer-bindings": [self._signing[n][1] for n in signed],
+                    }
+                )
+            requests[holder] = request
         return requests
 
-    def unmask(self, replies: dict[int, dict], length: int) -> RoundResult:
-        """Sum the survivors' uploads and remove every mask; raise if shares are short."""
-        survivors = sorted(self._uploads)
-        dropped = [n for n in self._cohort if n not in self._uploads]
+    def unmask(self, rnd: int, replies: dict[int, dict], length: int) -> RoundResult:
+        """Check every revealed share against its commitment, rebuild, sum and unmask."""
+        state = self._rounds[rnd]
+        survivors, dropped = self._lists(rnd)
+        alive, gone = set(survivors), set(dropped)
         b_shares: dict[int, list[bytes]] = {u: [] for u in survivors}
         sk_shares: dict[int, list[bytes]] = {u: [] for u in dropped}
+        bad: set[int] = set()
         for holder, reply in replies.items():
-            if holder not in survivors or reply.get("round") != self._round:
+            if holder not in alive or reply.get("round") != rnd:
                 continue
-            for owner, share in zip(reply.get("b-of", []), reply.get("b-shares", []), strict=False):
-                if int(owner) in b_shares:
-                    b_shares[int(owner)].append(share)
-            for owner, share in zip(
-                reply.get("sk-of", []), reply.get("sk-shares", []), strict=False
+            peers = set(state.neighbours[holder])
+            for kind, owners, target, allowed in (
+                ("b", "b-of", b_shares, alive),
+                ("sk", "sk-of", sk_shares, gone),
             ):
-                if int(owner) in sk_shares:
-                    sk_shares[int(owner)].append(share)
-
-        # A survivor that did not answer will refuse to mask under its key again (it
-        # cannot tell whether its key was rebuilt): it re-keys before its next round.
-        self.rekey.update(node for node in survivors if node not in replies)
+                shares = reply.get(f"{kind}-shares", [])
+                for owner, share in zip(reply.get(owners, []), shares, strict=False):
+                    owner = int(owner)
+                    index = state.neighbours[owner].index(holder) if owner in peers else -1
+                    commit = state.prepares[owner][f"commit-{kind}"][index] if index >= 0 else b""
+                    if (
+                        owner not in allowed
+                        or not isinstance(share, bytes)
+                        or commit != (share_commitment(self.nonce, rnd, owner, holder, kind, share))
+                    ):
+                        bad.add(holder)  # a share that is not what its owner committed to
+                        continue
+                    target[owner].append(share)
         total = np.zeros(length + EXTRA_SLOTS, dtype=np.uint32)
         for node in survivors:
-            total += np.frombuffer(self._uploads[node]["masked"], dtype="<u4")
+            total += np.frombuffer(state.uploads[node]["masked"], dtype="<u4")
         for node in survivors:
-            seed = self._rebuild(
-                node,
-                b_shares[node],
-                len(self.round_neighbours(node, self._cohort)),
-                "self-mask seed",
-            )
-            total -= expand_mask(seed, _context(self.run, self._round, node), total.size)
+            seed = self._rebuild(node, b_shares[node], state.threshold, "self-mask seed")
+            if (
+                self_seed_commitment(self.nonce, rnd, node, seed)
+                != state.prepares[node]["seed-commitment"]
+            ):
+                raise ProtocolError(f"node {node} shared a self-mask seed it did not commit to")
+            total -= expand_mask(seed, _SELF + canonical.encode([self.nonce, rnd]), total.size)
         for node in dropped:
-            live = [v for v in self.round_neighbours(node, self._cohort) if v in self._uploads]
+            live = [v for v in state.neighbours[node] if v in alive]
             if not live:
-                continue  # no survivor ever masked with it
-            private_key = self._rebuild(
-                node, sk_shares[node], len(self._graph[node]), "private key"
-            )
-            if keys.public_key(private_key) != self.roster[node][0]:
-                raise ProtocolError(
-                    f"rebuilt private key of node {node} does not match its public key"
-                )
-            self.rekey.add(node)
+                continue  # no survivor masked with it
+            mask_key = self._rebuild(node, sk_shares[node], state.threshold, "round key")
+            if keys.public_key(mask_key) != state.prepares[node]["mask-key"]:
+                raise ProtocolError(f"node {node} shared a round key it did not commit to")
             for peer in live:
-                pair = keys.pair_secrets(private_key, node, self.roster[peer][0], peer, self.run)
-                mask = expand_mask(pair.mask_seed, _context(self.run, self._round), total.size)
-                # The survivor added sign(peer, node) * mask: take it away.
-                if _sign(peer, node) > 0:
+                peer_key = state.prepares[peer]["mask-key"]
+                pair = pair_keys(mask_key, node, peer_key, peer, self.nonce, rnd)
+                mask = expand_mask(pair.mask_seed(state.uploads[peer]["view"]), _PAIR, total.size)
+                if _sign(peer, node) > 0:  # the survivor added it: take it away
                     total -= mask
                 else:
                     total += mask
@@ -312,14 +367,15 @@ class SecAggServer:
             clipped=int(total[length + 1]),
             survivors=survivors,
             dropped=dropped,
+            bad_holders=sorted(bad),
         )
 
-    def _rebuild(self, owner: int, shares: list[bytes], holders: int, what: str) -> bytes:
-        t = graph.threshold(holders, self.threshold_fraction)
+    @staticmethod
+    def _rebuild(owner: int, shares: list[bytes], t: int, what: str) -> bytes:
         if len(shares) < t:
             raise ProtocolError(
-                f"only {len(shares)} shares of node {owner}'s {what}, {t} needed: too many "
-                "nodes dropped during unmasking"
+                f"only {len(shares)} valid shares of node {owner}'s {what}, {t} needed: too "
+                "many holders dropped or refused during unmasking"
             )
         try:
             return shamir.combine(shares, t)
@@ -327,3 +383,7 @@ class SecAggServer:
             raise ProtocolError(
                 f"shares of node {owner}'s {what} are inconsistent: {err}"
             ) from None
+
+
+def _sized(value: object, size: int) -> bool:
+    return isinstance(value, bytes) and len(value) == size

@@ -9,8 +9,10 @@ itself lives in :mod:`flower_privacy.secagg.protocol`; this module only moves re
 from __future__ import annotations
 
 import hashlib
+import os
+import random
 from collections.abc import Iterable
-from logging import INFO, WARNING
+from logging import ERROR, INFO, WARNING
 
 import numpy as np
 from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
@@ -41,6 +43,7 @@ from flower_privacy.errors import RoundFailedError
 from flower_privacy.secagg import protocol
 from flower_privacy.secagg.multiround import GroupPlan
 from flower_privacy.secagg.quantize import Quantizer
+from flower_privacy.strategies._stage_exchange import RefusalEvent, StageExchange
 from flower_privacy.strategies.strict_rounds import StrictRounds
 
 # Aggregation is a (weighted) mean of the replies: a sum is all they need.
@@ -57,17 +60,23 @@ INDIVIDUAL_UPDATE_STRATEGIES = (
     FedXgbCyclic,
 )
 WEIGHTINGS = ("weighted", "uniform")
-_SETUP_ATTEMPTS = 3
 
 
 class SecureAggregation(StrictRounds):
     """Wrap a mean-based strategy so that the server sees only sums of masked updates.
+
+    Every round uses fresh per-round keys and self-mask seeds (round-scoped secrets):
+    a key rebuilt for a dropout unmasks that round only. ``SecureAggregation`` samples
+    each round's cohort itself, one round ahead (from the inner strategy's
+    ``fraction_train`` and ``min_train_nodes``, or the groups' rule), so that the next
+    cohort prepares its secrets in the same exchange that unmasks the current round.
 
     Parameters
     ----------
     strategy : Strategy
         FedAvg, FedAvgM, FedProx, FedAdam, FedYogi or FedAdagrad (or a subclass that
         still aggregates by weighted mean; pass ``trust_inner_is_mean=True`` for your own).
+        It must send every node the same content (per-node models or configs are refused).
     clip_range : float
         Each coordinate of a client's update (its new weights minus the global ones) is
         clipped to ``[-clip_range, clip_range]``; the clipped count is reported.
@@ -76,11 +85,12 @@ class SecureAggregation(StrictRounds):
     max_clients : int
         Most clients in one round; with ``max_weight`` and ``clip_range`` it fixes a
         scale at which the sum cannot wrap around 2^32.
-    threshold_fraction : float
-        A secret is shared so that more than this fraction of a node's neighbours can
-        rebuild it; unmasking needs that many survivors among them.
+    max_colluders : int
+        Clients of a neighbourhood that may collude with the server: the threshold is
+        ``floor((k + c) / 2) + 1`` of k holders. Clients enforce their own (node config
+        ``secagg-max-colluders``) and refuse less.
     degree : int | None
-        Neighbours per node (default: all nodes up to 8, else about 2·log2 n).
+        Neighbours per node in each round's graph (default: all up to 8, else ~2·log2 n).
     weighting : str
         ``"weighted"`` (by the reply's ``num-examples``, capped) or ``"uniform"``.
     uniform_denominator : float | None
@@ -89,27 +99,26 @@ class SecureAggregation(StrictRounds):
     trust_inner_is_mean : bool
         Accept an inner strategy not known to aggregate by weighted mean.
     consistency_check : bool
-        Bonawitz et al.'s check against a server that shows different clients different
-        survivor lists: clients sign their keys and the lists (signing keys and a roster
-        from ``flower-privacy keys signing``, named in each node's config) and unmask
-        only with enough neighbours' signatures on the same lists. One more exchange
-        per round.
+        Against a server that shows different clients different views: clients sign
+        their long-term keys (signing keys and a roster from ``flower-privacy keys
+        signing``, named in each node's config) and the round view, and a holder reveals
+        shares of a node only with a majority of that node's holders' signatures on the
+        same view. One more exchange per round.
     group_size : int | None
-        Multi-round privacy (So et al., AAAI-23): nodes are partitioned into fixed groups
-        of this size, recomputable by every client from the run seed; each round takes
-        whole groups, and a group with a member missing is left out whole, so that no
-        combination of rounds' aggregates isolates fewer than ``group_size`` nodes.
-        None: the inner strategy samples (no multi-round protection).
+        Multi-round privacy (So et al., AAAI-23): fixed groups of this size, recomputable
+        by every client; each round takes whole groups, and a group with a member missing
+        is left out whole, so that no combination of rounds' aggregates isolates fewer
+        than ``group_size`` nodes. Clients keep the groups for the whole Flower run.
     selection : str
         With groups: ``"least-used"`` (fair), ``"poisson"`` (each group with probability
-        ``sampling_rate``: Poisson sampling of every node) or ``"random"`` (per node,
-        the unsafe baseline, for comparisons only).
+        ``sampling_rate``) or ``"random"`` (per node, the unsafe baseline).
     sampling_rate : float | None
         Group sampling probability for ``"poisson"``.
     selection_seed : int | None
-        Reproducible groups, ``least-used`` tie-breaks and ``random`` selection, for
-        experiments; refused with ``"poisson"`` (its sampling always comes from the OS
-        CSPRNG).
+        Reproducible groups and selection, for experiments; refused with ``"poisson"``.
+    max_refusals : int
+        Structured refusals by honest-looking nodes (each a security event, logged with
+        the node id) the run tolerates before it stops.
     """
 
     def __init__(
@@ -119,7 +128,7 @@ class SecureAggregation(StrictRounds):
         clip_range: float = 1.0,
         max_weight: int = 10_000,
         max_clients: int = 100,
-        threshold_fraction: float = 0.5,
+        max_colluders: int = 0,
         degree: int | None = None,
         weighting: str = "weighted",
         uniform_denominator: float | None = None,
@@ -129,6 +138,7 @@ class SecureAggregation(StrictRounds):
         selection: str = "least-used",
         sampling_rate: float | None = None,
         selection_seed: int | None = None,
+        max_refusals: int = 10,
         min_train_replies: int | None = None,
         max_failed_rounds: int = 0,
         node_wait_timeout: float = 300.0,
@@ -149,92 +159,89 @@ class SecureAggregation(StrictRounds):
                 f"uniform_denominator needs weighting='uniform' and a value > 0, got "
                 f"{uniform_denominator!r} with weighting={weighting!r}"
             )
+        if max_refusals < 0:
+            raise ValueError(f"max_refusals must be >= 0, got {max_refusals}")
         self.quantizer = Quantizer(
             clip_range=clip_range, max_weight=max_weight, max_clients=max_clients
         )
         self.weighting = weighting
         self.uniform_denominator = uniform_denominator
-        self.threshold_fraction, self.degree = threshold_fraction, degree
+        self.max_colluders, self.degree = max_colluders, degree
         self.consistency_check = consistency_check
+        self.max_refusals = max_refusals
         if group_size is not None:
-            # Validate now (the plan is rebuilt with each run's seed).
-            GroupPlan(group_size, selection, b"", sampling_rate, selection_seed)
+            GroupPlan(group_size, selection, b"", sampling_rate, selection_seed)  # validate
             if selection == "random":
                 log(WARNING, "selection='random' gives no multi-round privacy: for baselines only")
         self.group_size, self.selection, self.sampling_rate = group_size, selection, sampling_rate
         self.selection_seed = selection_seed
+        # Groups are fixed for the strategy's life: clients refuse a regrouping.
+        self._group_seed = (
+            os.urandom(32)
+            if selection_seed is None
+            else hashlib.sha256(b"flower-privacy/groups|%d" % selection_seed).digest()
+        )
+        self._rng = (
+            random.Random(selection_seed) if selection_seed is not None else random.SystemRandom()
+        )
         self.plan: GroupPlan | None = None
         self.protocol = self._new_protocol()
-        self._grid: Grid | None = None
-        self._stage_notes: list[str] = []
+        self._exchanger: StageExchange | None = None
+        self._num_rounds = 0
         self._global: ArrayRecord | None = None
-        self._cohort: list[int] = []
         # Seam for ClientLevelDP: how clients encode their update (None: the
         # fixed-point quantiser), and the last round whose sum the server unmasked.
         self.encoding: DistributedNoiseEncoding | None = None
         self.unmasked_round: int | None = None
 
-    # -- seams for multi-round privacy (node selection, which survivors to unmask) --------
-
     def _new_protocol(self) -> protocol.SecAggServer:
-        server = protocol.SecAggServer(
-            threshold_fraction=self.threshold_fraction,
-            degree=self.degree,
-            consistency=self.consistency_check,
-        )
         self.plan = (
             GroupPlan(
                 self.group_size,
                 self.selection,
-                self._group_seed(server.run),
+                self._group_seed,
                 self.sampling_rate,
                 self.selection_seed,
             )
             if self.group_size is not None
             else None
         )
-        return server
-
-    def _group_seed(self, run: bytes) -> bytes:
-        """The public seed of the partition: the run nonce, or fixed by ``selection_seed``.
-
-        Both are chosen by the server and sent to every client, so a fixed seed gives the
-        server no more say over the groups; it only makes experiments repeatable.
-        """
-        if self.selection_seed is None:
-            return run
-        return hashlib.sha256(b"flower-privacy/groups|%d" % self.selection_seed).digest()
-
-    def select_nodes(
-        self, server_round: int, sampled: list[int], population: list[int]
-    ) -> list[int]:
-        """The round's cohort among the keyed ``population``.
-
-        With groups, whole groups chosen by the selection rule (as many nodes as the
-        inner strategy sampled); without, the nodes the inner strategy sampled.
-        """
-        if self.plan is None:
-            return sorted(n for n in sampled if n in population)
-        self.plan.update(population)
-        return self.plan.select(population, len(sampled))
+        return protocol.SecAggServer(
+            max_colluders=self.max_colluders, degree=self.degree, consistency=self.consistency_check
+        )
 
     # -- Strategy ---------------------------------------------------------------------
 
     def prepare_run(self, grid: Grid, num_rounds: int) -> None:
-        """Every run is a new protocol run (fresh keys)."""
+        """Every run is a new protocol run (new nonce, new rounds; groups stay)."""
+        plan = self.plan
         self.protocol = self._new_protocol()
+        if plan is not None and self.plan is not None and plan.generations:
+            self.plan = plan  # the clients keep the groups for the Flower run: so do we
         self.unmasked_round = None
+        self._num_rounds = num_rounds
+        self._exchanger = StageExchange(grid, lambda: self.round_timeout, self.max_refusals)
         super().prepare_run(grid, num_rounds)
+
+    @property
+    def refusals(self) -> list[RefusalEvent]:
+        """Every structured refusal of this run (security events), oldest first."""
+        return [] if self._exchanger is None else list(self._exchanger.refusals)
+
+    def stop_reason(self, server_round: int) -> str | None:
+        if self._exchanger is not None and self._exchanger.over_limit():
+            return self._exchanger.limit_reason()
+        return super().stop_reason(server_round)
 
     def summary(self) -> None:
         log(
             INFO,
             "\t├──> SecureAggregation: clip ±%s, max weight %d, max clients %d, "
-            "threshold > %.0f%% of neighbours, %s weighting",
+            "colluders tolerated %d, %s weighting, round-scoped keys",
             self.quantizer.clip_range,
             self.quantizer.max_weight,
             self.quantizer.max_clients,
-            100 * self.protocol.threshold_fraction,
+            self.max_colluders,
             self.weighting,
         )
         super().summary()
@@ -242,123 +249,241 @@ class SecureAggregation(StrictRounds):
     def configure_train(
         self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
     ) -> Iterable[Message]:
-        self._grid = grid
+        if self._exchanger is None:
+            self.prepare_run(grid, server_round)
         inner = list(super().configure_train(server_round, arrays, config, grid))
         if not inner:
             return []
-        population = self._ensure_keys(server_round, sorted(grid.get_node_ids()))
-        cohort = self.select_nodes(
-            server_round, [m.metadata.dst_node_id for m in inner], population
-        )
-        if len(cohort) > self.quantizer.max_clients:
+        _check_one_content(server_round, inner)
+        if not self.protocol.has_round(server_round):
+            self._prepare(server_round, self._sample(server_round, len(inner)))
+        requests = self.protocol.train_requests(server_round)
+        if len(requests) < self.min_train_replies:
             raise RoundFailedError(
                 server_round,
-                f"{len(cohort)} nodes selected but max_clients={self.quantizer.max_clients}: "
+                f"{len(requests)} of {len(self.protocol.cohort(server_round))} cohort nodes "
+                f"prepared, at least {self.min_train_replies} needed",
+            )
+        if len(requests) > self.quantizer.max_clients:
+            raise RoundFailedError(
+                server_round,
+                f"{len(requests)} nodes selected but max_clients={self.quantizer.max_clients}: "
                 "the quantised sum could wrap; raise max_clients",
             )
-        if len(cohort) < 3:
-            raise RoundFailedError(
-                server_round, f"secure aggregation needs at least 3 keyed nodes, cohort {cohort}"
+        shared = wire.without_stages(inner[0].content)
+        fields = self._train_fields()
+        messages = []
+        for node, request in requests.items():
+            content = RecordDict(dict(shared.items()))
+            wire.put(content, wire.TRAIN, {**request, **fields})
+            messages.append(
+                Message(content, node, "train", ttl=self.round_timeout, group_id=str(server_round))
             )
-        try:
-            request = self.protocol.train_request(server_round, cohort)
-        except protocol.ProtocolError as err:
-            raise RoundFailedError(server_round, str(err)) from None
-        if self.plan is not None and self.plan.rule != "random":
-            request.update(self.plan.request_fields())
-        request.update(
-            {
-                "arrays-key": self.arrays_key,
-                "weight-key": self.weight_key,
-                "weighting": self.weighting,
-                "clip-range": self.quantizer.clip_range,
-                "max-weight": self.quantizer.max_weight,
-                "max-clients": self.quantizer.max_clients,
-                # Clients refuse to unmask with fewer survivors (a distributed DP noise
-                # share is calibrated for this many).
-                "min-survivors": self.min_train_replies,
-            }
-        )
-        if self.encoding is not None:
-            request.update(self.encoding.request_fields())
-        content = RecordDict({k: v for k, v in inner[0].content.items()})
-        content[wire.RECORD] = wire.to_record(wire.TRAIN, request)
-        self._global, self._cohort = arrays, cohort
-        self._sent_to[server_round] = cohort
-        return [
-            Message(content, node, "train", ttl=self.round_timeout, group_id=str(server_round))
-            for node in cohort
-        ]
+        self._global = arrays
+        self._sent_to[server_round] = list(requests)
+        return messages
 
     def aggregate_train(
         self, server_round: int, replies: Iterable[Message]
     ) -> tuple[ArrayRecord | None, MetricRecord | None]:
-        try:
-            return self._secure_aggregate(server_round, list(replies))
-        except RoundFailedError:
-            # Uploaders not unmasked as survivors refuse to mask under their keys again.
-            self.protocol.abandon_round()
-            raise
-
-    def _secure_aggregate(
-        self, server_round: int, replies: list[Message]
-    ) -> tuple[ArrayRecord | None, MetricRecord | None]:
-        assert self._global is not None and self._grid is not None
+        assert self._global is not None and self._exchanger is not None
         length = sum(int(np.prod(a.shape)) for a in self._global.values())
-        self._log_silent_nodes(server_round, "training", self._cohort, replies)
-        survivors_replies = []
-        for reply in replies:
-            node = reply.metadata.src_node_id
-            problem = self._stage_problem(reply, wire.UPLOAD, server_round)
-            if problem is None:
-                problem = self.protocol.accept_upload(node, wire.payload_of(reply.content), length)
-            if problem is None:
-                survivors_replies.append(reply)
-            else:
+        replies = list(replies)
+        self._log_silent_nodes(server_round, "training", self._sent_to[server_round], replies)
+        uploads = self._exchanger.payloads(server_round, wire.UPLOAD, replies)
+        by_node = {r.metadata.src_node_id: r for r in replies}
+        for node, payload in uploads.items():
+            problem = self.protocol.accept_upload(server_round, node, payload, length)
+            if problem is not None:
                 log(
                     WARNING, "round %d: upload of node %s unusable: %s", server_round, node, problem
                 )
         excluded: list[int] = []
         if self.plan is not None:
-            kept, excluded = self.plan.keep(self.protocol.survivors())
+            _kept, excluded = self.plan.keep(self.protocol.survivors(server_round))
             if excluded:
                 log(
                     WARNING,
-                    "round %d: nodes %s left out: their groups are incomplete",
+                    "round %d: nodes %s left out: incomplete groups",
                     server_round,
                     excluded,
                 )
-                self.protocol.exclude(excluded)
-                survivors_replies = [
-                    r for r in survivors_replies if r.metadata.src_node_id in set(kept)
-                ]
-        if len(survivors_replies) < self.min_train_replies:
+                self.protocol.exclude(server_round, excluded)
+        survivors = self.protocol.survivors(server_round)
+        if len(survivors) < self.min_train_replies:
             raise RoundFailedError(
                 server_round,
-                f"{len(survivors_replies)} masked uploads of {len(self._cohort)}, "
+                f"{len(survivors)} masked uploads of {len(self._sent_to[server_round])}, "
                 f"at least {self.min_train_replies} needed",
             )
         if self.consistency_check:
-            signed = self._exchange(
-                server_round, wire.CONSISTENCY, self.protocol.consistency_requests()
+            answers = self._exchanger.run(
+                server_round,
+                {
+                    n: {wire.CONSISTENCY: r}
+                    for n, r in self.protocol.consistency_requests(server_round).items()
+                },
             )
-            self.protocol.accept_consistency(signed)
-        unmask_replies = self._exchange(server_round, wire.UNMASK, self.protocol.unmask_requests())
+            self.protocol.accept_consistency(
+                server_round,
+                {n: a[wire.CONSISTENCY] for n, a in answers.items() if wire.CONSISTENCY in a},
+            )
+        unmask = self._next_round_stages(server_round)
+        for node, request in self.protocol.unmask_requests(server_round).items():
+            unmask.setdefault(node, {})[wire.UNMASK] = request
+        answers = self._exchanger.run(server_round, unmask)
+        self._accept_prepares(server_round + 1, answers)
+        shares = {n: a[wire.UNMASK] for n, a in answers.items() if wire.UNMASK in a}
         try:
-            result = self.protocol.unmask(unmask_replies, length)
+            result = self.protocol.unmask(server_round, shares, length)
         except protocol.ProtocolError as err:
             raise RoundFailedError(server_round, f"unmasking failed: {err}") from None
         self.unmasked_round = server_round
+        return self._finish(server_round, result, excluded, by_node[result.survivors[0]])
+
+    # -- rounds ahead: sampling and preparing ------------------------------------------
+
+    def _sample(
+        self, server_round: int, per_round: int, *, advertise_now: bool = True
+    ) -> list[int]:
+        """The cohort of ``server_round`` among nodes with a long-term key."""
+        population = sorted(self._exchanger.grid.get_node_ids())
+        new = self.protocol.nodes_to_advertise(population)
+        if new and advertise_now:
+            request = self.protocol.advertise_request()
+            answers = self._exchanger.run(server_round, {n: {wire.ADVERTISE: request} for n in new})
+            problems = self._accept_advertisements(server_round, answers)
+            if problems and not any(n in self.protocol.lt_keys for n in new):
+                raise RoundFailedError(server_round, f"key set-up: {problems[0]}")
+        keyed = [n for n in population if n in self.protocol.lt_keys]
+        if self.plan is not None:
+            self.plan.update(keyed)
+            return self.plan.select(keyed, per_round)
+        return sorted(self._rng.sample(keyed, min(per_round, len(keyed))))
+
+    def _cohort_size(self) -> int:
+        """How many nodes the inner strategy would sample now (its fraction and minimum)."""
+        inner = self.innermost
+        available = len(list(self._exchanger.grid.get_node_ids()))
+        fraction = float(getattr(inner, "fraction_train", 1.0))
+        return max(int(available * fraction), int(getattr(inner, "min_train_nodes", 1)))
+
+    def _prepare_fields(self) -> dict:
+        fields: dict = {"min-survivors": self.min_train_replies}
+        if self.plan is not None and self.plan.rule != "random":
+            fields.update(self.plan.request_fields())
+        return fields
+
+    def _prepare(self, server_round: int, cohort: list[int]) -> None:
+        """A prepare exchange of its own (round 1, or after a failed round)."""
+        try:
+            requests = self.protocol.prepare_requests(server_round, cohort, self._prepare_fields())
+        except protocol.ProtocolError as err:
+            raise RoundFailedError(server_round, f"secure aggregation set-up: {err}") from None
+        answers = self._exchanger.run(
+            server_round, {n: {wire.PREPARE: r} for n, r in requests.items()}
+        )
+        self._accept_prepares(server_round, answers)
+
+    def _next_round_stages(self, server_round: int) -> dict[int, dict[str, dict]]:
+        """Stages for the unmask exchange: advertise new nodes, prepare the next cohort."""
+        stages: dict[int, dict[str, dict]] = {}
+        if server_round >= self._num_rounds:
+            return stages
+        population = sorted(self._exchanger.grid.get_node_ids())
+        request = self.protocol.advertise_request()
+        for node in self.protocol.nodes_to_advertise(population):
+            stages[node] = {wire.ADVERTISE: request}
+        cohort = self._sample(server_round + 1, self._cohort_size(), advertise_now=False)
+        try:
+            prepares = self.protocol.prepare_requests(
+                server_round + 1, cohort, self._prepare_fields()
+            )
+        except protocol.ProtocolError as err:
+            log(
+                WARNING,
+                "round %d: cannot prepare round %d yet: %s",
+                server_round,
+                server_round + 1,
+                err,
+            )
+            return stages
+        for node, prepare in prepares.items():
+            stages.setdefault(node, {})[wire.PREPARE] = prepare
+        return stages
+
+    def _accept_advertisements(
+        self, server_round: int, answers: dict[int, dict[str, dict]]
+    ) -> list[str]:
+        problems = []
+        for node, payloads in answers.items():
+            if wire.ADVERTISE in payloads:
+                try:
+                    self.protocol.accept_advertisement(node, payloads[wire.ADVERTISE])
+                except protocol.ProtocolError as err:
+                    problems.append(str(err))
+                    log(WARNING, "round %d: %s", server_round, err)
+        return problems
+
+    def _accept_prepares(self, prepared_round: int, answers: dict[int, dict[str, dict]]) -> None:
+        self._accept_advertisements(prepared_round - 1, answers)
+        if not self.protocol.has_round(prepared_round):
+            return
+        for node, payloads in answers.items():
+            if wire.PREPARE in payloads:
+                problem = self.protocol.accept_prepare(prepared_round, node, payloads[wire.PREPARE])
+                if problem is not None:
+                    log(
+                        WARNING,
+                        "round %d: prepare of node %s unusable: %s",
+                        prepared_round,
+                        node,
+                        problem,
+                    )
+
+    # -- the round's result ----------------------------------------------------------
+
+    def _train_fields(self) -> dict:
+        fields = {
+            "arrays-key": self.arrays_key,
+            "weight-key": self.weight_key,
+            "weighting": self.weighting,
+            "clip-range": self.quantizer.clip_range,
+            "max-weight": self.quantizer.max_weight,
+            "max-clients": self.quantizer.max_clients,
+        }
+        if self.encoding is not None:
+            fields.update(self.encoding.request_fields())
+        return fields
+
+    def _finish(
+        self,
+        server_round: int,
+        result: protocol.RoundResult,
+        excluded: list[int],
+        envelope: Message,
+    ) -> tuple[ArrayRecord, MetricRecord]:
+        assert self._global is not None
+        if result.bad_holders:
+            log(
+                ERROR,
+                "SECURITY round %d: nodes %s revealed shares that fail their commitments",
+                server_round,
+                result.bad_holders,
+            )
         if result.weight < 1:
             raise RoundFailedError(server_round, "the survivors' total weight is zero")
+        if self.weighting == "uniform" and result.weight != len(result.survivors):
+            raise RoundFailedError(
+                server_round,
+                f"uniform weighting, but the revealed weight {result.weight} is not the "
+                f"survivor count {len(result.survivors)}: a client lied about its weight",
+            )
         denominator = self.uniform_denominator or result.weight
         decoder = self.encoding if self.encoding is not None else self.quantizer
         mean_delta = decoder.decode_sum(result.total, denominator)
         arrays, metrics = self._aggregate_as_one_reply(
-            server_round,
-            add_flat(self._global, mean_delta),
-            result.weight,
-            survivors_replies[0],
+            server_round, add_flat(self._global, mean_delta), result.weight, envelope
         )
         metrics = MetricRecord(dict(metrics or {}))
         metrics.update(
@@ -397,109 +522,25 @@ class SecureAggregation(StrictRounds):
         )
         return arrays, metrics
 
-    # -- internals ---------------------------------------------------------------------
 
-    def _ensure_keys(self, server_round: int, population: list[int]) -> list[int]:
-        """Key set-up for new or re-keyed nodes; returns the keyed population."""
-        for _ in range(_SETUP_ATTEMPTS):
-            to_key = self.protocol.nodes_to_key(population)
-            if to_key:
-                request = self.protocol.advertise_request()
-                replies = self._exchange(server_round, wire.ADVERTISE, {n: request for n in to_key})
-                accepted, problems = set(), []
-                for node in to_key:
-                    if node not in replies:
-                        continue
-                    try:
-                        self.protocol.accept_advertisement(node, replies[node])
-                        accepted.add(node)
-                    except protocol.ProtocolError as err:
-                        problems.append(str(err))
-                        log(WARNING, "round %d: %s", server_round, err)
-                if problems and not accepted:
-                    raise RoundFailedError(server_round, f"key set-up: {problems[0]}")
-                population = [n for n in population if n in accepted or n not in to_key]
-            if not self.protocol.needs_distribution(population):
-                return population
-            if len(population) < 3:
-                break
-            request = self.protocol.distribute_request(population)
-            replies = self._exchange(
-                server_round, wire.DISTRIBUTE, {n: request for n in population}
+def _check_one_content(server_round: int, messages: list[Message]) -> None:
+    """Refuse an inner strategy that sends nodes different content (Pasquini et al.)."""
+    first = messages[0].content
+    reference = {k: wire.content_digest(RecordDict({k: v})) for k, v in first.items()}
+    for message in messages[1:]:
+        content = message.content
+        digests = {k: wire.content_digest(RecordDict({k: v})) for k, v in content.items()}
+        if digests != reference:
+            keys = sorted(
+                k for k in set(digests) | set(reference) if digests.get(k) != reference.get(k)
             )
-            if all(n in replies for n in population):
-                try:
-                    self.protocol.accept_distributions(replies)
-                except protocol.ProtocolError as err:
-                    raise RoundFailedError(server_round, f"key set-up: {err}") from None
-                log(INFO, "secure aggregation keys set up for %d nodes", len(population))
-                return population
-            population = [n for n in population if n in replies]
-        raise RoundFailedError(
-            server_round,
-            f"key set-up did not complete: {len(population)} nodes left "
-            f"({'; '.join(self._stage_notes[-3:]) or 'no details'})",
-        )
-
-    def _exchange(
-        self, server_round: int, stage: str, requests: dict[int, dict]
-    ) -> dict[int, dict]:
-        """Send one stage to several nodes; return the payloads of the good replies."""
-        assert self._grid is not None
-        messages = [
-            Message(
-                RecordDict({wire.RECORD: wire.to_record(stage, payload)}),
-                node,
-                "train",
-                ttl=self.round_timeout,
-                group_id=str(server_round),
-            )
-            for node, payload in requests.items()
-        ]
-        replies = list(self._grid.send_and_receive(messages, timeout=self.round_timeout))
-        good, problems = {}, []
-        self._stage_notes = []
-        for reply in replies:
-            problem = self._stage_problem(reply, stage, server_round)
-            if problem is None:
-                good[reply.metadata.src_node_id] = wire.payload_of(reply.content)
-            else:
-                problems.append(f"node {reply.metadata.src_node_id}: {problem}")
-                log(
-                    WARNING,
-                    "round %d: node %s, %s stage: %s",
-                    server_round,
-                    reply.metadata.src_node_id,
-                    stage,
-                    problem,
-                )
-        if problems and not good and stage in (wire.ADVERTISE, wire.DISTRIBUTE):
-            # Every node failed the set-up: almost always a ClientApp without the mod.
             raise RoundFailedError(
                 server_round,
-                f"no node completed the {stage} stage ({'; '.join(problems[:3])}): is "
-                f"{wire.MOD_NAME} in the ClientApp, as ClientApp(mods=[secagg_mod, ...])?",
+                f"the inner strategy sent node {message.metadata.dst_node_id} other content "
+                f"than node {messages[0].metadata.dst_node_id} (records {keys}): secure "
+                "aggregation needs one model and config for all (per-node content can "
+                "isolate a client's update)",
             )
-        silent = sorted(set(requests) - {r.metadata.src_node_id for r in replies})
-        if silent:
-            log(WARNING, "round %d: no %s reply from node(s) %s", server_round, stage, silent)
-        self._stage_notes = problems + ([f"no {stage} reply from {silent}"] if silent else [])
-        return good
-
-    def _stage_problem(self, reply: Message, stage: str, server_round: int) -> str | None:
-        """None if ``reply`` carries ``stage``, else the problem; a refusal fails the round.
-
-        An honest node refuses only when the server's request fails one of its checks,
-        so a refusal is never treated as a mere dropout.
-        """
-        if reply.has_error():
-            reason = reply.error.reason
-            if f"{wire.MOD_NAME} refused" in reason:
-                raise RoundFailedError(server_round, f"node {reply.metadata.src_node_id} {reason}")
-            return f"error reply ({reason})"
-        if wire.stage_of(reply.content) != stage:
-            return "a reply without secure aggregation content"
-        return None
 
 
 def _check_inner(strategy: Strategy, trusted: bool) -> None:

@@ -1,0 +1,97 @@
+"""Every value the protocol hashes, signs, MACs or derives keys from, defined once.
+
+All of them are canonical encodings (:mod:`.canonical`) under their own domain label,
+so that a value meant for one purpose can never be replayed as another.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+from flower_privacy.secagg import canonical, keys
+from flower_privacy.secagg._common import PROTOCOL
+from flower_privacy.secagg.prg import derive_key
+
+if TYPE_CHECKING:
+    from flower_privacy.secagg.state import RoundSecrets
+
+
+def advertise_message(nonce: bytes, node: int, lt_key: bytes) -> bytes:
+    """What a node signs for its long-term key: it binds node id, key and protocol run."""
+    return canonical.encode(["advertise", PROTOCOL, nonce, node, lt_key])
+
+
+def seal_key(lt_key: bytes, own: int, peer_lt_key: bytes, peer: int, nonce: bytes) -> bytes:
+    """The ChaCha20-Poly1305 key two nodes seal share packages with (long-term keys)."""
+    context = canonical.encode(["seal", PROTOCOL, nonce])
+    return keys.pair_material(lt_key, own, peer_lt_key, peer, context)[:32]
+
+
+def package_ad(nonce: bytes, rnd: int, owner: int, holder: int) -> bytes:
+    """Associated data of one share package: its run, round, owner and holder."""
+    return canonical.encode(["package", PROTOCOL, nonce, rnd, owner, holder])
+
+
+def share_commitment(
+    nonce: bytes, rnd: int, owner: int, holder: int, kind: str, share: bytes
+) -> bytes:
+    """The owner's commitment to one holder's share (checked by holder and server)."""
+    return canonical.digest("share-commitment", [PROTOCOL, nonce, rnd, owner, holder, kind, share])
+
+
+def self_seed_commitment(nonce: bytes, rnd: int, owner: int, seed: bytes) -> bytes:
+    """The owner's commitment to its self-mask seed (the server checks the rebuilt seed)."""
+    return canonical.digest("self-seed-commitment", [PROTOCOL, nonce, rnd, owner, seed])
+
+
+@dataclass(frozen=True)
+class RoundPair:
+    """What two nodes share in one round, from their per-round keys."""
+
+    mac_key: bytes
+    seed_base: bytes
+
+    def mask_seed(self, view: bytes) -> bytes:
+        """The pairwise mask seed: it depends on the view, so two views never cancel."""
+        return derive_key(self.seed_base, b"flower-privacy/secagg/pair-seed|" + view)
+
+
+def pair_keys(
+    mask_key: bytes, own: int, peer_mask_key: bytes, peer: int, nonce: bytes, rnd: int
+) -> RoundPair:
+    """Per-round pairwise secrets of ``own`` and ``peer`` (symmetric in the two)."""
+    material = keys.pair_material(
+        mask_key, own, peer_mask_key, peer, canonical.encode(["round", PROTOCOL, nonce, rnd])
+    )
+    return RoundPair(mac_key=material[:32], seed_base=material[32:])
+
+
+def tag_message(sender: int, receiver: int, view: bytes) -> bytes:
+    """What a view tag from ``sender`` to ``receiver`` authenticates (directional)."""
+    return canonical.encode(["view-tag", PROTOCOL, sender, receiver, view])
+
+
+def view_digest(nonce: bytes, secrets: RoundSecrets, content_digest: bytes) -> bytes:
+    """The round as this node saw it before masking: parameters, cohorts and content."""
+    return canonical.digest(
+        "view",
+        [
+            PROTOCOL,
+            nonce,
+            secrets.round,
+            secrets.degree,
+            secrets.threshold,
+            secrets.graph_seed,
+            secrets.cohort,
+            secrets.prepared,
+            content_digest,
+        ],
+    )
+
+
+def round_view(
+    nonce: bytes, secrets: RoundSecrets, survivors: list[int], dropped: list[int]
+) -> bytes:
+    """What survivors sign in the consistency check: the view plus the unmask lists."""
+    return canonical.encode(["round-view", PROTOCOL, nonce, secrets.view, survivors, dropped])
