@@ -1,6 +1,6 @@
 """Every use of Flower internals (anything outside flwr's public API) lives here.
 
-flower-privacy is tested against flwr 1.41.x. When Flower changes one of these
+flower-privacy supports flwr 1.41 and 1.42. When Flower changes one of these
 internals, this is the one file to update.
 """
 
