@@ -18,23 +18,7 @@ import numpy as np
 from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
 from flwr.common import log
 from flwr.serverapp import Grid
-from flwr.serverapp.strategy import (
-    Bulyan,
-    FedAdagrad,
-    FedAdam,
-    FedAvg,
-    FedAvgM,
-    FedMedian,
-    FedProx,
-    FedTrimmedAvg,
-    FedXgbBagging,
-    FedXgbCyclic,
-    FedYogi,
-    Krum,
-    MultiKrum,
-    QFedAvg,
-    Strategy,
-)
+from flwr.serverapp.strategy import Strategy
 
 from flower_privacy import _secagg_wire as wire
 from flower_privacy._arrays import add_flat
@@ -43,23 +27,16 @@ from flower_privacy.errors import RoundFailedError
 from flower_privacy.secagg import protocol
 from flower_privacy.secagg.multiround import GroupPlan
 from flower_privacy.secagg.quantize import Quantizer
+from flower_privacy.strategies._secagg_checks import (
+    MEAN_STRATEGIES,
+    check_inner,
+    check_one_content,
+)
 from flower_privacy.strategies._stage_exchange import RefusalEvent, StageExchange
 from flower_privacy.strategies.strict_rounds import StrictRounds
 
-# Aggregation is a (weighted) mean of the replies: a sum is all they need.
-MEAN_STRATEGIES = (FedAvg, FedAvgM, FedProx, FedAdam, FedYogi, FedAdagrad)
-# These need each client's update (robust statistics, per-client losses, trees).
-INDIVIDUAL_UPDATE_STRATEGIES = (
-    Krum,
-    MultiKrum,
-    Bulyan,
-    FedMedian,
-    FedTrimmedAvg,
-    QFedAvg,
-    FedXgbBagging,
-    FedXgbCyclic,
-)
 WEIGHTINGS = ("weighted", "uniform")
+__all__ = ["MEAN_STRATEGIES", "SecureAggregation"]
 
 
 class SecureAggregation(StrictRounds):
@@ -143,7 +120,7 @@ class SecureAggregation(StrictRounds):
         max_failed_rounds: int = 0,
         node_wait_timeout: float = 300.0,
     ) -> None:
-        _check_inner(strategy, trust_inner_is_mean)
+        check_inner(strategy, trust_inner_is_mean)
         super().__init__(
             strategy,
             min_train_replies=min_train_replies,
@@ -254,7 +231,7 @@ class SecureAggregation(StrictRounds):
         inner = list(super().configure_train(server_round, arrays, config, grid))
         if not inner:
             return []
-        _check_one_content(server_round, inner)
+        check_one_content(server_round, inner)
         if not self.protocol.has_round(server_round):
             self._prepare(server_round, self._sample(server_round, len(inner)))
         requests = self.protocol.train_requests(server_round)
@@ -521,37 +498,3 @@ class SecureAggregation(StrictRounds):
             len(result.dropped),
         )
         return arrays, metrics
-
-
-def _check_one_content(server_round: int, messages: list[Message]) -> None:
-    """Refuse an inner strategy that sends nodes different content (Pasquini et al.)."""
-    first = messages[0].content
-    reference = {k: wire.content_digest(RecordDict({k: v})) for k, v in first.items()}
-    for message in messages[1:]:
-        content = message.content
-        digests = {k: wire.content_digest(RecordDict({k: v})) for k, v in content.items()}
-        if digests != reference:
-            keys = sorted(
-                k for k in set(digests) | set(reference) if digests.get(k) != reference.get(k)
-            )
-            raise RoundFailedError(
-                server_round,
-                f"the inner strategy sent node {message.metadata.dst_node_id} other content "
-                f"than node {messages[0].metadata.dst_node_id} (records {keys}): secure "
-                "aggregation needs one model and config for all (per-node content can "
-                "isolate a client's update)",
-            )
-
-
-def _check_inner(strategy: Strategy, trusted: bool) -> None:
-    if isinstance(strategy, INDIVIDUAL_UPDATE_STRATEGIES):
-        raise TypeError(
-            f"{type(strategy).__name__} needs each client's update, which secure aggregation "
-            "hides; use a mean-based strategy (FedAvg, FedAvgM, FedProx, FedAdam, FedYogi, "
-            "FedAdagrad)"
-        )
-    if not (trusted or type(strategy) in MEAN_STRATEGIES):
-        raise TypeError(
-            f"{type(strategy).__name__} is not known to aggregate by weighted mean; pass "
-            "trust_inner_is_mean=True if its aggregate_train is a weighted mean of the replies"
-        )
