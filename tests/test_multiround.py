@@ -14,6 +14,7 @@ from flower_privacy import _secagg_wire as wire
 from flower_privacy.errors import RunHaltedError
 from flower_privacy.mods import secagg_mod
 from flower_privacy.secagg import audit, groups, selection
+from flower_privacy.secagg.protocol import Refusal
 from flower_privacy.strategies import SecureAggregation
 from flower_privacy.testing import InProcessGrid
 
@@ -121,8 +122,8 @@ def _participation(grid: InProcessGrid, rounds: list[int], nodes: list[int]) -> 
     """Rows: which nodes' uploads were unmasked, for each of ``rounds`` (that succeeded)."""
     matrix = np.zeros((len(rounds), len(nodes)))
     for entry in grid.transcript:
-        if entry.direction == "to-node" and wire.stage_of(entry.message.content) == wire.UNMASK:
-            payload = wire.payload_of(entry.message.content)
+        if entry.direction == "to-node" and wire.UNMASK in wire.stages_of(entry.message.content):
+            payload = wire.payload_of(entry.message.content, wire.UNMASK)
             if int(payload["round"]) in rounds:
                 row = rounds.index(int(payload["round"]))
                 for node in payload["survivors"]:
@@ -149,7 +150,7 @@ def test_a_group_with_a_dropout_is_left_out_whole() -> None:
     victim = 1004
 
     def before_upload(msg: Message) -> bool:
-        return wire.stage_of(msg.content) == wire.TRAIN
+        return wire.TRAIN in wire.stages_of(msg.content)
 
     grid.drop_node(victim, when=before_upload, only_matching=True)
     result, models = _run(strategy, grid, rounds=1)
@@ -162,69 +163,68 @@ def test_a_group_with_a_dropout_is_left_out_whole() -> None:
     )
 
 
-def test_a_client_catches_a_server_lying_about_the_groups() -> None:
-    grid = InProcessGrid(_fixed_secret_app(), num_nodes=9)
-
-    def regroup(msg: Message) -> Message:
-        if wire.stage_of(msg.content) == wire.TRAIN and msg.metadata.dst_node_id == 1001:
-            payload = wire.payload_of(msg.content)
-            payload["group-size"] = 1  # every node alone: the server could read them all
-            msg.content[wire.RECORD] = wire.to_record(wire.TRAIN, payload)
+def _lying_prepare(grid: InProcessGrid, change) -> None:  # noqa: ANN001
+    def lie(msg: Message) -> Message:
+        if wire.PREPARE in wire.stages_of(msg.content) and msg.metadata.dst_node_id == 1001:
+            payload = wire.payload_of(msg.content, wire.PREPARE)
+            update = change(payload)
+            if update is not None:
+                payload.update(update)
+                wire.put(msg.content, wire.PREPARE, payload)
         return msg
 
-    grid.intercept(regroup)
-    with pytest.raises(RunHaltedError, match="group size 1 protects nobody"):
-        SecureAggregation(_inner(9, 9), group_size=3).start(
-            grid, ArrayRecord({"w": Array(np.zeros(DIM, dtype=np.float32))}), num_rounds=1
-        )
+    grid.intercept(lie)
 
-    for change, expected in [
-        ({"generation-sizes": [4, 5]}, "not a partition"),  # groups not of the declared size
-        ("regroup-in-round-2", "regrouped nodes"),
-        ("reseed-in-round-2", "regrouped nodes"),
-    ]:
-        grid = InProcessGrid(_fixed_secret_app(), num_nodes=9)
 
-        def lie(msg: Message, change=change) -> Message:  # noqa: ANN001
-            if wire.stage_of(msg.content) != wire.TRAIN or msg.metadata.dst_node_id != 1001:
-                return msg
-            payload = wire.payload_of(msg.content)
-            if change == "reseed-in-round-2":
-                if int(payload["round"]) < 2:
-                    return msg
-                change = {"group-seed": b"another partition seed"}
-            if change == "regroup-in-round-2":
-                if int(payload["round"]) < 2:
-                    return msg
-                nodes = list(payload["generation-nodes"])
-                change = {"generation-nodes": nodes[3:] + nodes[:3], "generation-sizes": [6, 3]}
-            payload.update(change)
-            msg.content[wire.RECORD] = wire.to_record(wire.TRAIN, payload)
-            return msg
+@pytest.mark.parametrize(
+    ("change", "code", "from_round"),
+    [
+        ({"group-size": 1}, Refusal.BELOW_FLOOR, 1),  # every node alone
+        ({"generation-sizes": [4, 5]}, Refusal.GROUPS, 1),  # not of the declared size
+        ("regroup", Refusal.GROUPS, 2),
+        ({"group-seed": b"another partition seed"}, Refusal.GROUPS, 2),
+    ],
+)
+def test_a_client_catches_a_server_lying_about_the_groups(change, code, from_round) -> None:  # noqa: ANN001
+    grid = InProcessGrid(_fixed_secret_app(), num_nodes=9)
 
-        grid.intercept(lie)
-        with pytest.raises(RunHaltedError, match=expected):
-            SecureAggregation(_inner(9, 9), group_size=3).start(
-                grid, ArrayRecord({"w": Array(np.zeros(DIM, dtype=np.float32))}), num_rounds=2
-            )
+    def lie(payload: dict) -> dict | None:
+        if payload["round"] < from_round:
+            return None
+        if change == "regroup":
+            nodes = list(payload["generation-nodes"])
+            return {"generation-nodes": nodes[3:] + nodes[:3], "generation-sizes": [6, 3]}
+        return change
+
+    _lying_prepare(grid, lie)
+    strategy = SecureAggregation(
+        _inner(9, 9), group_size=3, min_train_replies=3, max_failed_rounds=2
+    )
+    _run(strategy, grid, rounds=2)
+    assert (1001, code) in {(e.node, e.code) for e in strategy.refusals}
+    # The lied-to node (and so its group) sat out every round from the lie on.
+    assert all(1001 not in members for members in strategy.plan.history[from_round - 1 :])
 
 
 def test_clients_refuse_to_unmask_an_incomplete_group() -> None:
     grid = InProcessGrid(_fixed_secret_app(), num_nodes=9)
-    strategy = SecureAggregation(_inner(9, 9), group_size=3)
+    strategy = SecureAggregation(_inner(9, 9), group_size=3, min_train_replies=3)
 
     def split_group(msg: Message) -> Message:
-        if wire.stage_of(msg.content) == wire.UNMASK and msg.metadata.dst_node_id == 1001:
-            payload = wire.payload_of(msg.content)
+        if wire.UNMASK in wire.stages_of(msg.content) and msg.metadata.dst_node_id == 1001:
+            payload = wire.payload_of(msg.content, wire.UNMASK)
             other = next(g for g in strategy.plan.groups if 1001 not in g)
+            keep = [i for i, v in enumerate(payload["tags-from"]) if v != other[0]]
             payload["survivors"] = [n for n in payload["survivors"] if n != other[0]]
             payload["dropped"] = sorted([*payload["dropped"], other[0]])
-            msg.content[wire.RECORD] = wire.to_record(wire.UNMASK, payload)
+            payload["tags-from"] = [payload["tags-from"][i] for i in keep]
+            payload["tags"] = [payload["tags"][i] for i in keep]
+            wire.put(msg.content, wire.UNMASK, payload)
         return msg
 
     grid.intercept(split_group)
-    with pytest.raises(RunHaltedError, match="incomplete in the survivor list"):
-        _run(strategy, grid, rounds=1)
+    _run(strategy, grid, rounds=1)
+    assert (1001, Refusal.GROUPS) in {(e.node, e.code) for e in strategy.refusals}
 
 
 @pytest.mark.parametrize(
@@ -238,8 +238,8 @@ def test_differencing_recovers_a_client_only_without_groups(selection_rule, reco
     grid.drop_node(
         1007,
         when=lambda m: (
-            wire.stage_of(m.content) == wire.TRAIN
-            and int(wire.payload_of(m.content)["round"]) % 3 == 0
+            wire.TRAIN in wire.stages_of(m.content)
+            and int(wire.payload_of(m.content, wire.TRAIN)["round"]) % 3 == 0
         ),
         only_matching=True,
     )
@@ -273,15 +273,15 @@ def test_differencing_recovers_a_client_only_without_groups(selection_rule, reco
         )
 
 
-@pytest.mark.parametrize("stage", [wire.ADVERTISE, wire.DISTRIBUTE, wire.TRAIN, wire.UNMASK])
+@pytest.mark.parametrize("stage", [wire.ADVERTISE, wire.PREPARE, wire.TRAIN, wire.UNMASK])
 def test_aggregates_stay_unions_of_whole_groups_with_a_dropout_at_each_stage(stage) -> None:  # noqa: ANN001
     grid = InProcessGrid(_fixed_secret_app(), num_nodes=12)
     victim = 1005
     grid.drop_node(
         victim,
         when=lambda m: (
-            wire.stage_of(m.content) == stage
-            and int(wire.payload_of(m.content).get("round", 1)) == 1
+            stage in wire.stages_of(m.content)
+            and int(wire.payload_of(m.content, stage).get("round", 1)) == 1
         ),
         only_matching=True,
     )

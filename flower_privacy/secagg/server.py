@@ -174,14 +174,18 @@ class SecAggServer:
         state.prepares[node] = reply
         return None
 
-    def train_requests(self, rnd: int) -> dict[int, dict]:
+    def prepared_nodes(self, rnd: int) -> list[int]:
+        """Nodes whose prepare reply was accepted (before any is left out)."""
+        return sorted(self._rounds[rnd].prepares)
+
+    def train_requests(self, rnd: int, leave_out: list[int] | tuple = ()) -> dict[int, dict]:
         """Per prepared node: the prepared cohort and the share packages it holds.
 
         Nodes with fewer than t prepared neighbours are left out (repeatedly, since
         leaving one out can thin another): their shares could not be rebuilt.
         """
         state = self._rounds[rnd]
-        prepared = set(state.prepares)
+        prepared = set(state.prepares) - set(leave_out)
         while True:
             thin = {
                 u

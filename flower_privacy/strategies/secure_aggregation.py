@@ -234,7 +234,10 @@ class SecureAggregation(StrictRounds):
         check_one_content(server_round, inner)
         if not self.protocol.has_round(server_round):
             self._prepare(server_round, self._sample(server_round, len(inner)))
-        requests = self.protocol.train_requests(server_round)
+        leave_out: list[int] = []
+        if self.plan is not None:  # a group with a member that did not prepare sits out
+            _kept, leave_out = self.plan.keep(self.protocol.prepared_nodes(server_round))
+        requests = self.protocol.train_requests(server_round, leave_out)
         if len(requests) < self.min_train_replies:
             raise RoundFailedError(
                 server_round,
