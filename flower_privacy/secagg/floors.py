@@ -90,7 +90,10 @@ class ClientFloors:
                 raw = node_config[key]
                 if isinstance(raw, bool) or not isinstance(raw, int | str):
                     raise ValueError(f"node config {key} must be an integer, got {raw!r}")
-                value = int(raw)
+                try:
+                    value = int(raw)
+                except ValueError:
+                    raise ValueError(f"node config {key} must be an integer, got {raw!r}") from None
                 values[name] = (
                     max(value, getattr(defaults, name)) if name != "min_group_size" else value
                 )
@@ -100,7 +103,13 @@ class ClientFloors:
                 raise ValueError(f"node config {REQUIRED} must be true or false, got {required!r}")
             required = required.lower() in ("true", "1")
         values["required"] = bool(required)
-        return cls(**values)  # type: ignore[arg-type]
+        try:
+            return cls(**values)  # type: ignore[arg-type]
+        except ValueError as err:
+            text = str(err)
+            for key, name in keys.items():
+                text = text.replace(name, f"node config {key}")
+            raise ValueError(text) from None
 
     def threshold_for(self, degree: int) -> int:
         """The least threshold this node accepts for ``degree`` holders."""

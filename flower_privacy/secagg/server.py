@@ -282,7 +282,9 @@ class SecAggServer:
         alive = set(survivors)
         signed = sorted(state.signatures)
         requests = {}
-        for holder in survivors:
+        # With the consistency check only signers are asked: the others refuse anyway.
+        holders = [n for n in survivors if n in state.signatures] if self.consistency else survivors
+        for holder in holders:
             live = [u for u in state.neighbours[holder] if u in alive]
             tags = []
             for sender in live:
