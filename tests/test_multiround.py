@@ -11,7 +11,6 @@ from flwr.clientapp import ClientApp
 from flwr.serverapp.strategy import FedAvg
 
 from flower_privacy import _secagg_wire as wire
-from flower_privacy.errors import RunHaltedError
 from flower_privacy.mods import secagg_mod
 from flower_privacy.secagg import audit, groups, selection
 from flower_privacy.secagg.protocol import Refusal

@@ -314,7 +314,8 @@ def test_5_an_inner_strategy_with_per_node_configs_is_refused() -> None:
     grid = InProcessGrid(_updates_app(1), num_nodes=5)
     inner = PerNode(min_available_nodes=5, min_train_nodes=5, fraction_evaluate=0.0)
     strategy = SecureAggregation(inner, trust_inner_is_mean=True, max_weight=100)
-    with pytest.raises(RunHaltedError, match=r"other content than node \d+ \(records \['config'\]\)"):
+    per_node = r"other content than node \d+ \(records \['config'\]\)"
+    with pytest.raises(RunHaltedError, match=per_node):
         strategy.start(grid, _zeros(), num_rounds=1)
 
 
