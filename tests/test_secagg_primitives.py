@@ -88,13 +88,52 @@ def test_quantisation_reports_clipping_and_caps_weights() -> None:
         Quantizer(clip_range=1.0, max_weight=2**20, max_clients=2**12)
 
 
-def test_pair_secrets_agree_and_bind_ids_and_run() -> None:
+def test_pair_material_agrees_and_binds_ids_and_context() -> None:
     a, b = keys.generate_private_key(), keys.generate_private_key()
-    ab = keys.pair_secrets(a, 1, keys.public_key(b), 2, b"run")
-    ba = keys.pair_secrets(b, 2, keys.public_key(a), 1, b"run")
-    assert ab == ba and ab.encryption_key != ab.mask_seed
-    assert keys.pair_secrets(a, 1, keys.public_key(b), 2, b"other") != ab
-    assert keys.pair_secrets(a, 1, keys.public_key(b), 3, b"run") != ab
+    ab = keys.pair_material(a, 1, keys.public_key(b), 2, b"run")
+    ba = keys.pair_material(b, 2, keys.public_key(a), 1, b"run")
+    assert ab == ba and len(ab) == 64
+    assert keys.pair_material(a, 1, keys.public_key(b), 2, b"other") != ab
+    assert keys.pair_material(a, 1, keys.public_key(b), 3, b"run") != ab
+    with pytest.raises(ValueError):
+        keys.pair_material(a, 1, bytes(32), 2, b"run")  # a low-order point: all-zero secret
+    with pytest.raises(ValueError):
+        keys.pair_material(a, 1, keys.public_key(a), 1, b"run")
+
+
+def test_view_macs_verify_only_the_same_message_and_key() -> None:
+    key = os.urandom(32)
+    tag = keys.mac(key, b"view")
+    assert keys.mac_ok(key, b"view", tag)
+    assert not keys.mac_ok(key, b"view!", tag)
+    assert not keys.mac_ok(os.urandom(32), b"view", tag)
+
+
+def test_canonical_encoding_separates_types_shapes_and_orders() -> None:
+    import numpy as np
+
+    from flower_privacy.secagg import canonical
+
+    values = [
+        1,
+        "1",
+        b"1",
+        1.0,
+        True,
+        [1],
+        {"a": 1},
+        np.array([1], dtype=np.int32),
+        np.array([1], dtype=np.int64),
+        np.array([[1]], dtype=np.int32),
+        [1, 2],
+        [2, 1],
+    ]
+    encodings = [canonical.encode(v) for v in values]
+    assert len(set(encodings)) == len(values)
+    assert canonical.encode({"a": 1, "b": 2}) == canonical.encode({"b": 2, "a": 1})
+    assert canonical.digest("x", [1]) != canonical.digest("y", [1])
+    big = np.arange(6, dtype=">i4")
+    assert canonical.encode(big) == canonical.encode(big.astype("<i4"))
 
 
 def test_sealed_shares_reject_tampering_and_wrong_context() -> None:
@@ -120,4 +159,14 @@ def test_graph_is_symmetric_regular_and_reproducible(n, degree) -> None:  # noqa
     for node, peers in g.items():
         assert node not in peers and all(node in g[p] for p in peers)
         assert degree <= len(peers) <= degree + 1
-    assert graph.threshold(10, 0.5) == 6 and graph.threshold(3, 0.5) == 2
+
+
+def test_default_degree_survives_the_expected_dropout() -> None:
+    from flower_privacy.secagg.floors import required_threshold
+
+    assert graph.default_degree(8) == 7 and graph.default_degree(12) == 11  # complete
+    for n in (100, 1000, 10_000):
+        k = graph.default_degree(n, dropout=0.1)
+        t = required_threshold(k, 0)
+        assert k < n - 1 and t <= k
+        assert graph.default_degree(n, dropout=0.2) > k  # more dropout, denser graph

@@ -147,7 +147,9 @@ def _legacy_unmask_stage(msg: Message) -> bool:
 
 
 def _our_unmask_stage(msg: Message) -> bool:
-    return wire.stage_of(msg.content) == wire.UNMASK
+    # The unmask message of round r also carries the prepare of round r + 1: a node
+    # that drops it misses that round too, as a real dropout would.
+    return wire.UNMASK in wire.stages_of(msg.content)
 
 
 def case(n: int, params: int, dropout: float) -> dict:
@@ -168,7 +170,7 @@ def case(n: int, params: int, dropout: float) -> dict:
     upload = next(
         e.message
         for e in grid.transcript
-        if e.direction == "from-node" and wire.stage_of(e.message.content) == wire.UPLOAD
+        if e.direction == "from-node" and wire.UPLOAD in wire.stages_of(e.message.content)
     )
     return {
         "clients": n,
@@ -177,7 +179,7 @@ def case(n: int, params: int, dropout: float) -> dict:
         "fedavg_s": fedavg_s,
         "flower_secaggplus_s": _time_flower_secaggplus(n, params, dropout),
         "secagg_s": secagg_s,
-        "_upload_masked_bytes": len(wire.payload_of(upload.content)["masked"]),
+        "_upload_masked_bytes": len(wire.payload_of(upload.content, wire.UPLOAD)["masked"]),
         "_upload_message_bytes": compat.wire_size(upload),
     }
 
@@ -213,28 +215,43 @@ def mask_throughput_ratio(length: int = 1_000_000, neighbours: int = 10) -> floa
 
 
 def unmask_seconds(clients: int = 100, dropped: int = 10, params: int = 1_000_000) -> float:
-    """Server-side unmasking time with ``dropped`` nodes gone after key set-up."""
+    """Server-side unmasking time of one round with ``dropped`` nodes gone after prepare.
+
+    Protocol level, no Flower: long-term keys, then the round's prepare (fresh round
+    keys and self seeds shared among the default-degree neighbours), masked uploads of
+    the survivors, the survivors' revealed shares; only ``SecAggServer.unmask`` (share
+    checks, rebuilding, self masks and the dropouts' pairwise masks) is timed.
+    """
     quantizer = Quantizer(clip_range=1.0, max_weight=100, max_clients=clients)
     ids = list(range(1, clients + 1))
     server = proto.SecAggServer()
+    floors = proto.ClientFloors()
     states = {i: proto.ClientState(node_id=i) for i in ids}
     for i in ids:
         server.accept_advertisement(
             i, proto.client_advertise(states[i], server.advertise_request())
         )
-    request = server.distribute_request(ids)
-    server.accept_distributions({i: proto.client_distribute(states[i], request) for i in ids})
-    train = server.train_request(1, ids)
+    rnd = 1
+    for i, request in server.prepare_requests(rnd, ids, {}).items():
+        problem = server.accept_prepare(rnd, i, proto.client_prepare(states[i], request, floors))
+        if problem is not None:
+            raise RuntimeError(f"node {i}'s prepare reply was refused: {problem}")
     gone = set(ids[:dropped])
     update = np.zeros(params)
-    for i in ids:
+    content = b"bench: one model and config for all"
+    for i, request in server.train_requests(rnd).items():
         if i not in gone:
-            upload, _ = proto.client_upload(states[i], train, update, 1, quantizer)
-            server.accept_upload(i, upload, params)
-    replies = {i: proto.client_unmask(states[i], r) for i, r in server.unmask_requests().items()}
+            upload, _ = proto.client_mask(states[i], request, update, 1, quantizer, content)
+            problem = server.accept_upload(rnd, i, upload, params)
+            if problem is not None:
+                raise RuntimeError(f"node {i}'s upload was refused: {problem}")
+    replies = {i: proto.client_unmask(states[i], r) for i, r in server.unmask_requests(rnd).items()}
     t0 = time.perf_counter()
-    server.unmask(replies, params)
-    return time.perf_counter() - t0
+    result = server.unmask(rnd, replies, params)
+    seconds = time.perf_counter() - t0
+    if result.dropped != sorted(gone) or result.weight != clients - dropped:
+        raise RuntimeError(f"unmasking gave {result.weight} weight, dropped {result.dropped}")
+    return seconds
 
 
 def deployment(params: int = 10_000, rounds: int = 4) -> dict:

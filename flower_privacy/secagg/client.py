@@ -279,7 +279,11 @@ def client_unmask(
 
 
 def _checked_lists(state: ClientState, request: dict) -> tuple[RoundSecrets, list[int], list[int]]:
-    """The survivor and dropped lists of a request, after every check a node makes."""
+    """The survivor and dropped lists of a request, after every check a node makes.
+
+    Survivors are summed; dropped nodes are not (``excluded`` ones among them uploaded
+    but were left out, e.g. for an incomplete group: alive, they still hold shares).
+    """
     rnd, _ = _check_round_request(state, request)
     secrets = _round(state, rnd)
     if not secrets.uploaded:
@@ -287,13 +291,16 @@ def _checked_lists(state: ClientState, request: dict) -> tuple[RoundSecrets, lis
     if secrets.answered:
         raise RefusedError(Refusal.REPLAY, f"round {rnd} was already unmasked")
     survivors, dropped = _ids(request, "survivors"), _ids(request, "dropped")
+    excluded = _ids(request, "excluded")
     both = sorted(set(survivors) & set(dropped))
     if both:
         raise RefusedError(Refusal.BAD_REQUEST, f"nodes {both} are both survivor and dropped")
-    if sorted(survivors + dropped) != secrets.prepared:
+    if sorted(survivors + dropped) != secrets.prepared or not set(excluded) <= set(dropped):
         raise RefusedError(Refusal.BAD_REQUEST, "survivors and dropped are not the round's cohort")
-    if state.node_id not in survivors:
-        raise RefusedError(Refusal.BAD_REQUEST, "this node uploaded but is not a survivor")
+    if state.node_id not in survivors and state.node_id not in excluded:
+        raise RefusedError(
+            Refusal.BAD_REQUEST, "this node uploaded but is neither summed nor excluded"
+        )
     if len(survivors) < secrets.min_survivors:
         raise RefusedError(
             Refusal.BELOW_FLOOR,
@@ -302,11 +309,11 @@ def _checked_lists(state: ClientState, request: dict) -> tuple[RoundSecrets, lis
     broken = groups.incomplete_groups(secrets.groups, survivors)
     if broken:
         raise RefusedError(Refusal.GROUPS, f"groups {broken} are incomplete among the survivors")
-    live = secrets.live_neighbours(survivors)
-    if len(live) < secrets.threshold:
+    live = secrets.live_neighbours(survivors + excluded)
+    if state.node_id in survivors and len(live) < secrets.threshold:
         raise RefusedError(
             Refusal.BELOW_FLOOR,
-            f"only {len(live)} surviving neighbours, fewer than the threshold {secrets.threshold}",
+            f"only {len(live)} live neighbours, fewer than the threshold {secrets.threshold}",
         )
     return secrets, survivors, dropped
 

@@ -130,18 +130,28 @@ def safe_degree(
         raise ValueError("need colluder_fraction in [0, 0.5) and dropout in [0, 1)")
     bound = 2.0 ** (-sigma)
     for k in range(2, cohort):
+        collude, drop = _tails(k, colluder_fraction), _tails(k, dropout)
         for t in range(max(2, k // 2 + 1), k + 1):
-            leak = cohort * _binomial_tail(k, colluder_fraction, 2 * t - k)
-            dead = cohort * _binomial_tail(k, dropout, k - t + 1)
+            leak = cohort * collude[min(2 * t - k, k + 1)]
+            dead = cohort * drop[k - t + 1]
             if leak <= bound and dead <= bound:
                 return k, t
     return None
 
 
-def _binomial_tail(n: int, p: float, at_least: int) -> float:
-    """P[Bin(n, p) >= at_least]."""
-    if at_least <= 0:
-        return 1.0
+def _tails(n: int, p: float) -> list[float]:
+    """tails[j] = P[Bin(n, p) >= j] for j = 0..n+1 (log-space pmf: no underflow to 1)."""
     if p == 0:
-        return 0.0
-    return sum(math.comb(n, i) * p**i * (1 - p) ** (n - i) for i in range(at_least, n + 1))
+        return [1.0] + [0.0] * (n + 1)
+    log_pmf = [
+        math.lgamma(n + 1)
+        - math.lgamma(i + 1)
+        - math.lgamma(n - i + 1)
+        + i * math.log(p)
+        + (n - i) * math.log1p(-p)
+        for i in range(n + 1)
+    ]
+    tails = [0.0] * (n + 2)
+    for i in range(n, -1, -1):
+        tails[i] = tails[i + 1] + math.exp(log_pmf[i])
+    return tails

@@ -8,15 +8,20 @@ client a neighbourhood of its own choosing without the client noticing.
 from __future__ import annotations
 
 import hashlib
-import math
 import struct
 
 
-def default_degree(num_nodes: int) -> int:
-    """Complete graph up to 8 nodes, else about 2·log2(n) neighbours (SecAgg+)."""
-    if num_nodes <= 8:
-        return num_nodes - 1
-    return min(num_nodes - 1, 2 * math.ceil(math.log2(num_nodes)))
+def default_degree(num_nodes: int, dropout: float = 0.1, failure_bits: float = 20.0) -> int:
+    """The least degree at which a round survives ``dropout`` (a fraction of the cohort).
+
+    With threshold floor(k/2) + 1, a round fails when a node loses more than k - t of its
+    k neighbours; the degree keeps that below 2^-failure_bits over the whole cohort (a
+    union bound on binomial tails). Small cohorts get the complete graph.
+    """
+    from flower_privacy.secagg.floors import safe_degree
+
+    found = safe_degree(num_nodes, 0.0, dropout, failure_bits) if num_nodes > 8 else None
+    return num_nodes - 1 if found is None else found[0]
 
 
 def neighbours(node_ids: list[int], degree: int, seed: bytes) -> dict[int, list[int]]:
@@ -46,10 +51,3 @@ def neighbours(node_ids: list[int], degree: int, seed: bytes) -> dict[int, list[
         if odd and n % 2 == 0:  # the opposite node on the ring, symmetric for even n
             graph[node].add(ring[(i + n // 2) % n])
     return {node: sorted(peers) for node, peers in graph.items()}
-
-
-def threshold(num_neighbours: int, fraction: float) -> int:
-    """Shares needed among ``num_neighbours`` holders: more than ``fraction`` of them."""
-    if not 0 < fraction < 1:
-        raise ValueError(f"threshold fraction must be in (0, 1), got {fraction}")
-    return min(num_neighbours, math.floor(fraction * num_neighbours) + 1)

@@ -46,6 +46,7 @@ class _Round:
     prepares: dict[int, dict] = field(default_factory=dict)
     prepared: list[int] = field(default_factory=list)
     uploads: dict[int, dict] = field(default_factory=dict)
+    excluded: dict[int, dict] = field(default_factory=dict)  # uploaded, left out of the sum
     signatures: dict[int, bytes] = field(default_factory=dict)
 
 
@@ -57,19 +58,30 @@ class SecAggServer:
     max_colluders : int
         c: the threshold is ``floor((k + c) / 2) + 1`` for k holders (clients may demand more).
     degree : int | None
-        Neighbours per node in each round's graph (default: all up to 8, else ~2·log2 n).
+        Neighbours per node in each round's graph (default: the least that survives
+        ``dropout`` with failure probability 2^-20; the complete graph for small cohorts).
+    dropout : float
+        Fraction of a cohort expected to drop in a round (sizes the default degree).
     consistency : bool
         Require signed long-term keys and run the signed-view consistency stage.
     """
 
     def __init__(
-        self, *, max_colluders: int = 0, degree: int | None = None, consistency: bool = False
+        self,
+        *,
+        max_colluders: int = 0,
+        degree: int | None = None,
+        consistency: bool = False,
+        dropout: float = 0.1,
     ) -> None:
         if max_colluders < 0:
             raise ValueError(f"max_colluders must be >= 0, got {max_colluders}")
         if degree is not None and degree < 2:
             raise ValueError(f"degree must be >= 2, got {degree}")
+        if not 0 <= dropout < 1:
+            raise ValueError(f"dropout must be in [0, 1), got {dropout}")
         self.max_colluders, self.degree, self.consistency = max_colluders, degree, consistency
+        self.dropout = dropout
         self.nonce = os.urandom(16)
         self.lt_keys: dict[int, bytes] = {}
         self._signing: dict[int, tuple[bytes, bytes]] = {}  # node -> (signing key, binding)
@@ -111,7 +123,11 @@ class SecAggServer:
             raise ProtocolError(f"cohort nodes {unknown} have no long-term key")
         if len(cohort) < 3:
             raise ProtocolError(f"a cohort of {len(cohort)} nodes; secure aggregation needs 3")
-        degree = self.degree if self.degree is not None else graph.default_degree(len(cohort))
+        degree = (
+            self.degree
+            if self.degree is not None
+            else graph.default_degree(len(cohort), self.dropout)
+        )
         degree = min(degree, len(cohort) - 1)
         seed = os.urandom(16)
         neighbours = graph.neighbours(cohort, degree, seed)
@@ -247,17 +263,30 @@ class SecAggServer:
         return sorted(self._rounds[rnd].uploads)
 
     def exclude(self, rnd: int, nodes: list[int]) -> None:
-        """Treat uploaded ``nodes`` as dropped (e.g. the rest of an incomplete group)."""
-        for node in nodes:
-            self._rounds[rnd].uploads.pop(node, None)
+        """Leave uploaded ``nodes`` out of the sum (e.g. the rest of an incomplete group).
 
-    def _lists(self, rnd: int) -> tuple[list[int], list[int]]:
+        They count as dropped (their round keys are revealed, their seeds never), but
+        they are alive: they still answer as share holders.
+        """
+        state = self._rounds[rnd]
+        for node in nodes:
+            if node in state.uploads:
+                state.excluded[node] = state.uploads.pop(node)
+
+    def _lists(self, rnd: int) -> tuple[list[int], list[int], list[int]]:
+        """(survivors summed, dropped or excluded, excluded) of round ``rnd``."""
         state = self._rounds[rnd]
         survivors = sorted(state.uploads)
-        return survivors, [n for n in state.prepared if n not in state.uploads]
+        dropped = [n for n in state.prepared if n not in state.uploads]
+        return survivors, dropped, sorted(state.excluded)
+
+    def _holders(self, rnd: int) -> list[int]:
+        """Nodes asked to reveal shares: every live uploader, summed or excluded."""
+        state = self._rounds[rnd]
+        return sorted(set(state.uploads) | set(state.excluded))
 
     def consistency_requests(self, rnd: int) -> dict[int, dict]:
-        survivors, dropped = self._lists(rnd)
+        survivors, dropped, excluded = self._lists(rnd)
         self._rounds[rnd].signatures = {}
         request = {
             "protocol": PROTOCOL,
@@ -265,25 +294,28 @@ class SecAggServer:
             "round": rnd,
             "survivors": survivors,
             "dropped": dropped,
+            "excluded": excluded,
         }
-        return {node: request for node in survivors}
+        return {node: request for node in self._holders(rnd)}
 
     def accept_consistency(self, rnd: int, replies: dict[int, dict]) -> None:
         """Keep the signatures (the clients verify them; the server cannot forge any)."""
         state = self._rounds[rnd]
         for node, reply in replies.items():
-            if node in state.uploads and _sized(reply.get("signature"), 64):
+            if node in self._holders(rnd) and _sized(reply.get("signature"), 64):
                 state.signatures[node] = reply["signature"]
 
     def unmask_requests(self, rnd: int) -> dict[int, dict]:
         """Per survivor: the lists, its live neighbours' view tags and (option) signatures."""
         state = self._rounds[rnd]
-        survivors, dropped = self._lists(rnd)
+        survivors, dropped, excluded = self._lists(rnd)
         alive = set(survivors)
         signed = sorted(state.signatures)
         requests = {}
         # With the consistency check only signers are asked: the others refuse anyway.
-        holders = [n for n in survivors if n in state.signatures] if self.consistency else survivors
+        holders = self._holders(rnd)
+        if self.consistency:
+            holders = [n for n in holders if n in state.signatures]
         for holder in holders:
             live = [u for u in state.neighbours[holder] if u in alive]
             tags = []
@@ -296,6 +328,7 @@ class SecAggServer:
                 "round": rnd,
                 "survivors": survivors,
                 "dropped": dropped,
+                "excluded": excluded,
                 "tags-from": live,
                 "tags": tags,
             }
@@ -315,13 +348,14 @@ class SecAggServer:
     def unmask(self, rnd: int, replies: dict[int, dict], length: int) -> RoundResult:
         """Check every revealed share against its commitment, rebuild, sum and unmask."""
         state = self._rounds[rnd]
-        survivors, dropped = self._lists(rnd)
+        survivors, dropped, _ = self._lists(rnd)
         alive, gone = set(survivors), set(dropped)
+        holders = set(self._holders(rnd))
         b_shares: dict[int, list[bytes]] = {u: [] for u in survivors}
         sk_shares: dict[int, list[bytes]] = {u: [] for u in dropped}
         bad: set[int] = set()
         for holder, reply in replies.items():
-            if holder not in alive or reply.get("round") != rnd:
+            if holder not in holders or reply.get("round") != rnd:
                 continue
             peers = set(state.neighbours[holder])
             for kind, owners, target, allowed in (

@@ -1,0 +1,77 @@
+"""Secure aggregation in ordinary federations: client sampling and dropouts every round."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from flwr.serverapp.strategy import FedAvg
+from test_secure_aggregation import SHAPES, _updates_app, _zeros
+
+from flower_privacy.mods import secagg_mod
+from flower_privacy.strategies import SecureAggregation
+from flower_privacy.testing import InProcessGrid
+from flower_privacy.testing.dropout import DROPOUT_FRACTION, DROPOUT_SEED, dropout_mod, drops
+
+
+def _expected(seed: int, nodes: list[int]) -> np.ndarray:
+    parts, weights = [], []
+    for node in nodes:
+        rng = np.random.default_rng([seed, node])
+        parts.append(
+            np.concatenate([rng.uniform(-0.5, 0.5, s).reshape(-1) for s in SHAPES.values()])
+        )
+        weights.append(int(rng.integers(1, 50)))
+    return sum(w * p for w, p in zip(weights, parts, strict=True)) / sum(weights)
+
+
+@pytest.mark.parametrize("group_size", [None, 3])
+def test_24_nodes_half_sampled_10_percent_dropping_complete_every_round(group_size) -> None:  # noqa: ANN001
+    rounds, seed = 40, 5
+    grid = InProcessGrid(
+        _updates_app(3, mods=[dropout_mod, secagg_mod]),
+        num_nodes=24,
+        run_config={DROPOUT_FRACTION: 0.1, DROPOUT_SEED: seed},
+    )
+    inner = FedAvg(fraction_train=0.5, min_available_nodes=24, fraction_evaluate=0.0)
+    # With groups of 3 a dropout costs its whole group: one complete group of the four
+    # sampled is enough (the round fails only if every group loses a member).
+    strategy = SecureAggregation(
+        inner,
+        max_weight=100,
+        min_train_replies=3 if group_size else 6,
+        group_size=group_size,
+        selection_seed=1,
+    )
+    deltas = []
+    previous = np.zeros(sum(int(np.prod(s)) for s in SHAPES.values()))
+
+    def record(server_round: int, arrays) -> None:  # noqa: ANN001
+        nonlocal previous
+        flat = np.concatenate([arrays[k].numpy().reshape(-1) for k in SHAPES])
+        deltas.append(flat - previous)
+        previous = flat
+
+    result = strategy.start(grid, _zeros(), num_rounds=rounds, evaluate_fn=record)
+    assert not result.failed_rounds and sorted(result.train_metrics_clientapp) == list(
+        range(1, rounds + 1)
+    )
+    dropped = sum(result.train_metrics_clientapp[r]["secagg-dropped"] for r in range(1, rounds + 1))
+    assert dropped > 0  # the dropouts happened
+    for server_round, members in enumerate(strategy_history(strategy, grid, rounds), start=1):
+        # Each round's model change is the weighted mean of exactly its survivors.
+        np.testing.assert_allclose(deltas[server_round], _expected(3, members), atol=2e-3)
+        assert not any(drops(seed, n, server_round, 0.1) for n in members)
+
+
+def strategy_history(
+    strategy: SecureAggregation, grid: InProcessGrid, rounds: int
+) -> list[list[int]]:
+    """The survivors of each round, from what the server sent at unmasking."""
+    from flower_privacy import _secagg_wire as wire
+
+    seen: dict[int, list[int]] = {}
+    for entry in grid.transcript:
+        if entry.direction == "to-node" and wire.UNMASK in wire.stages_of(entry.message.content):
+            payload = wire.payload_of(entry.message.content, wire.UNMASK)
+            seen[int(payload["round"])] = [int(n) for n in payload["survivors"]]
+    return [seen[r] for r in range(1, rounds + 1)]
