@@ -10,6 +10,8 @@ A stage's reply is its payload or a structured refusal (:data:`REFUSED` code).
 
 from __future__ import annotations
 
+from dataclasses import dataclass, field
+
 from flwr.app import ConfigRecord, RecordDict
 
 from flower_privacy.secagg import canonical
@@ -21,6 +23,8 @@ CONSISTENCY, UNMASK = "consistency", "unmask"
 ORDER = (UNMASK, CONSISTENCY, ADVERTISE, PREPARE, TRAIN)
 REPLY_STAGE = {TRAIN: UPLOAD}
 REFUSED, DETAIL = "refused", "detail"
+# Not a stage: how the node encodes its update, beside the train stage (read by the mod).
+MASKING = "masking"
 # Node config keys (file paths) that give a node its signing key and trusted roster.
 NODE_SIGNING_KEY, NODE_ROSTER = "secagg-signing-key", "secagg-roster"
 MOD_NAME = "flower_privacy.mods.secagg_mod"
@@ -28,7 +32,8 @@ MOD_NAME = "flower_privacy.mods.secagg_mod"
 
 def stages_of(content: RecordDict) -> list[str]:
     """The secure aggregation stages a message carries (possibly none)."""
-    return [name[len(PREFIX) :] for name in content.config_records if name.startswith(PREFIX)]
+    names = [name[len(PREFIX) :] for name in content.config_records if name.startswith(PREFIX)]
+    return [name for name in names if name != MASKING]
 
 
 def payload_of(content: RecordDict, stage: str) -> dict:
@@ -74,3 +79,43 @@ def content_digest(content: RecordDict, run_config: dict | None = None) -> bytes
         "run-config": dict(run_config or {}),
     }
     return canonical.digest("train-content", value)
+
+
+@dataclass(frozen=True)
+class Masking:
+    """How a node encodes its update for masking: keys, weighting and the encoder's limits."""
+
+    arrays_key: str
+    weight_key: str
+    weighting: str
+    clip_range: float
+    max_weight: int
+    max_clients: int
+    dp: dict = field(default_factory=dict)  # DistributedNoiseEncoding.request_fields()
+
+    def to_payload(self) -> dict:
+        return {
+            "arrays-key": self.arrays_key,
+            "weight-key": self.weight_key,
+            "weighting": self.weighting,
+            "clip-range": self.clip_range,
+            "max-weight": self.max_weight,
+            "max-clients": self.max_clients,
+            **self.dp,
+        }
+
+    @classmethod
+    def from_payload(cls, payload: dict) -> Masking:
+        """Raise ``ValueError`` naming a missing field."""
+        try:
+            return cls(
+                arrays_key=str(payload["arrays-key"]),
+                weight_key=str(payload["weight-key"]),
+                weighting=str(payload["weighting"]),
+                clip_range=float(payload["clip-range"]),
+                max_weight=int(payload["max-weight"]),
+                max_clients=int(payload["max-clients"]),
+                dp={k: v for k, v in payload.items() if k == "encoding" or k.startswith("dp-")},
+            )
+        except KeyError as err:
+            raise ValueError(f"the masking record lacks {err.args[0]!r}") from None

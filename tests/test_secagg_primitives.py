@@ -170,3 +170,20 @@ def test_default_degree_survives_the_expected_dropout() -> None:
         t = required_threshold(k, 0)
         assert k < n - 1 and t <= k
         assert graph.default_degree(n, dropout=0.2) > k  # more dropout, denser graph
+
+
+def test_protocol_messages_round_trip_and_refuse_what_they_do_not_define() -> None:
+    from flower_privacy.secagg import messages as m
+    from flower_privacy.secagg._common import PROTOCOL
+
+    request = m.TrainRequest(protocol=PROTOCOL, nonce=b"n", round=2, prepared=[1, 2], from_=[2])
+    wire = request.to_dict()
+    assert wire["from"] == [2] and m.TrainRequest.parse(wire) == request
+    with pytest.raises(m.MessageError, match="unexpected fields \\['lr'\\]"):
+        m.TrainRequest.parse({**wire, "lr": 0.1})
+    with pytest.raises(m.MessageError, match="'round' is not int"):
+        m.TrainRequest.parse({**wire, "round": True})
+    with pytest.raises(m.MessageError, match="'prepared' is missing"):
+        m.TrainRequest.parse({k: v for k, v in wire.items() if k != "prepared"})
+    with pytest.raises(m.VersionError, match="flower-privacy-secagg/1"):
+        m.TrainRequest.parse({**wire, "protocol": "flower-privacy-secagg/1"})

@@ -132,11 +132,10 @@ class SecAggMod:
         return self._identities[cache_key]
 
     def _train(self, msg, context, call_next, state, request):  # noqa: ANN001, ANN202
-        arrays_key = str(request["arrays-key"])
-        weight_key = str(request["weight-key"])
+        masking = wire.Masking.from_payload(wire.payload_of(msg.content, wire.MASKING))
         plain = wire.without_stages(msg.content)
         digest = wire.content_digest(plain, dict(context.run_config))
-        global_arrays = plain.array_records[arrays_key]
+        global_arrays = plain.array_records[masking.arrays_key]
         msg.content = plain  # the app sees the message a plain FedAvg would send it
         reply = call_next(msg, context)
         if reply.has_error():
@@ -156,24 +155,24 @@ class SecAggMod:
             if before.shape != after.shape:
                 raise ValueError(f"array {key!r} has shape {after.shape}, expected {before.shape}")
             deltas.append(np.subtract(after, before, dtype=np.float32).reshape(-1))
-        metrics = [r for r in reply.content.metric_records.values() if weight_key in r]
-        if request["weighting"] == "uniform":
+        metrics = [r for r in reply.content.metric_records.values() if masking.weight_key in r]
+        if masking.weighting == "uniform":
             weight = 1
         elif not metrics:
-            raise ValueError(f"the app's reply has no metric {weight_key!r} to weight by")
+            raise ValueError(f"the app's reply has no metric {masking.weight_key!r} to weight by")
         else:
-            weight = int(metrics[0][weight_key])
+            weight = int(metrics[0][masking.weight_key])
         quantizer: Quantizer | DistributedNoiseEncoding
-        if request.get("encoding") == ENCODING:
+        if masking.dp.get("encoding") == ENCODING:
             # Client-level DP: this client's noise share goes into the masked sum.
-            if request["weighting"] != "uniform":
+            if masking.weighting != "uniform":
                 raise ValueError("distributed DP needs uniform weighting")
-            quantizer = DistributedNoiseEncoding.from_request(request)
+            quantizer = DistributedNoiseEncoding.from_request(masking.dp)
         else:
             quantizer = Quantizer(
-                clip_range=float(request["clip-range"]),
-                max_weight=int(request["max-weight"]),
-                max_clients=int(request["max-clients"]),
+                clip_range=masking.clip_range,
+                max_weight=masking.max_weight,
+                max_clients=masking.max_clients,
             )
         upload, report = protocol.client_mask(
             state, request, np.concatenate(deltas), weight, quantizer, digest

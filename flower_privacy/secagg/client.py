@@ -7,14 +7,28 @@ check raises :class:`RefusedError` with a structured code.
 from __future__ import annotations
 
 import os
+from typing import TypeVar
 
 import numpy as np
 
 from flower_privacy.secagg import canonical, graph, groups, keys, shamir, signing
-from flower_privacy.secagg._common import PROTOCOL, Refusal, RefusedError, UnmaskRule
+from flower_privacy.secagg._common import Refusal, RefusedError, UnmaskRule
 from flower_privacy.secagg._common import mask_sign as _sign
 from flower_privacy.secagg.consistency import check_signatures
 from flower_privacy.secagg.floors import ClientFloors
+from flower_privacy.secagg.messages import (
+    AdvertiseReply,
+    AdvertiseRequest,
+    MessageError,
+    PrepareReply,
+    PrepareRequest,
+    SignReply,
+    TrainRequest,
+    UnmaskReply,
+    UnmaskRequest,
+    Upload,
+    VersionError,
+)
 from flower_privacy.secagg.prg import expand_mask
 from flower_privacy.secagg.quantize import Encoder
 from flower_privacy.secagg.state import ClientState, Identity, RoundSecrets
@@ -30,14 +44,14 @@ from flower_privacy.secagg.views import (
     view_digest,
 )
 
+M = TypeVar("M")
 _SELF = b"self-mask|"
 _PAIR = b"pair-mask|"
 
 
 def client_advertise(state: ClientState, request: dict, identity: Identity | None = None) -> dict:
     """Return this node's long-term key (made once per Flower run), signed with ``identity``."""
-    _check_version(request)
-    nonce = _bytes(request, "nonce")
+    nonce = _parse(AdvertiseRequest, request).nonce
     if nonce != state.nonce:
         # A new protocol run: no round of an old one can be finished any more. Groups,
         # signing keys and the long-term key stay: they belong to the Flower run.
@@ -45,13 +59,15 @@ def client_advertise(state: ClientState, request: dict, identity: Identity | Non
     if not state.lt_key:
         state.lt_key = keys.generate_private_key()
     public = keys.public_key(state.lt_key)
-    reply: dict = {"lt-key": public}
-    if identity is not None:
-        reply["signing-key"] = signing.signing_public_key(identity.signing_key)
-        reply["key-signature"] = signing.sign(
+    if identity is None:
+        return AdvertiseReply(lt_key=public).to_dict()
+    return AdvertiseReply(
+        lt_key=public,
+        signing_key=signing.signing_public_key(identity.signing_key),
+        key_signature=signing.sign(
             identity.signing_key, advertise_message(nonce, state.node_id, public)
-        )
-    return reply
+        ),
+    ).to_dict()
 
 
 def client_prepare(
@@ -61,18 +77,18 @@ def client_prepare(
     identity: Identity | None = None,
 ) -> dict:
     """Make this round's secrets and share them, sealed, among the round neighbours."""
-    rnd, nonce = _check_round_request(state, request)
+    req = _parse(PrepareRequest, request)
+    rnd, nonce = _check_run(state, req)
     if rnd <= state.last_prepared:
         raise RefusedError(Refusal.REPLAY, f"round {rnd} is not after round {state.last_prepared}")
-    cohort = _ids(request, "cohort")
+    cohort = list(req.cohort)
     if cohort != sorted(set(cohort)) or state.node_id not in cohort:
         raise RefusedError(Refusal.BAD_REQUEST, "the cohort is not a sorted list holding this node")
     if len(cohort) < floors.min_cohort:
         raise RefusedError(
             Refusal.BELOW_FLOOR, f"cohort of {len(cohort)}, this node needs {floors.min_cohort}"
         )
-    degree, t = int(request["degree"]), int(request["threshold"])
-    seed = _bytes(request, "graph-seed")
+    degree, t, seed = req.degree, req.threshold, req.graph_seed
     try:
         peers = graph.neighbours(cohort, degree, seed)[state.node_id]
     except ValueError as err:
@@ -87,13 +103,13 @@ def client_prepare(
             f"threshold {t} for {len(peers)} holders; this node needs "
             f"{floors.threshold_for(len(peers))} to {len(peers)}",
         )
-    if _ids(request, "keys-of") != peers or len(request["keys"]) != len(peers):
+    if list(req.keys_of) != peers or len(req.keys) != len(peers):
         raise RefusedError(Refusal.BAD_REQUEST, "long-term keys are not those of the neighbours")
-    lt_keys = dict(zip(peers, request["keys"], strict=True))
+    lt_keys = dict(zip(peers, req.keys, strict=True))
     if identity is not None:
-        _check_signed_keys(state, request, nonce, peers, lt_keys, identity)
-    round_groups = _checked_groups(state, request, cohort, floors)
-    min_survivors = max(floors.min_survivors, int(request.get("min-survivors", 0)))
+        _check_signed_keys(state, req, peers, lt_keys, identity)
+    round_groups = _checked_groups(state, req, cohort, floors)
+    min_survivors = max(floors.min_survivors, req.min_survivors)
 
     mask_key, self_seed = keys.generate_private_key(), os.urandom(32)
     mask_public = keys.public_key(mask_key)
@@ -123,15 +139,15 @@ def client_prepare(
     )
     state.last_prepared = rnd
     state.participated = True
-    return {
-        "round": rnd,
-        "mask-key": mask_public,
-        "seed-commitment": self_seed_commitment(nonce, rnd, state.node_id, self_seed),
-        "to": peers,
-        "packages": packages,
-        "commit-sk": commit_sk,
-        "commit-b": commit_b,
-    }
+    return PrepareReply(
+        round=rnd,
+        mask_key=mask_public,
+        seed_commitment=self_seed_commitment(nonce, rnd, state.node_id, self_seed),
+        to=peers,
+        packages=packages,
+        commit_sk=commit_sk,
+        commit_b=commit_b,
+    ).to_dict()
 
 
 def client_mask(
@@ -147,11 +163,12 @@ def client_mask(
     ``content_digest`` is the canonical digest of the training message (model, config)
     and the node's run config: it enters every pairwise mask and the view tags.
     """
-    rnd, nonce = _check_round_request(state, request)
+    req = _parse(TrainRequest, request)
+    rnd, nonce = _check_run(state, req)
     secrets = _round(state, rnd)
     if secrets.uploaded or secrets.prepared:
         raise RefusedError(Refusal.REPLAY, f"round {rnd} was already trained")
-    prepared = _ids(request, "prepared")
+    prepared = list(req.prepared)
     if prepared != sorted(set(prepared)) or not set(prepared) <= set(secrets.cohort):
         raise RefusedError(Refusal.BAD_REQUEST, "the prepared nodes are not part of the cohort")
     if state.node_id not in prepared or len(prepared) < secrets.min_survivors:
@@ -168,14 +185,11 @@ def client_mask(
             Refusal.BELOW_FLOOR,
             f"{len(live)} neighbours prepared, fewer than the threshold {secrets.threshold}",
         )
-    owners = _ids(request, "from")
-    if owners != live or not len(request["packages"]) == len(request["commit-sk"]) == len(
-        request["commit-b"]
-    ) == len(live):
-        raise RefusedError(Refusal.BAD_REQUEST, "share packages are not those of the neighbours")
-    for owner, blob, c_sk, c_b in zip(
-        owners, request["packages"], request["commit-sk"], request["commit-b"], strict=True
+    if list(req.from_) != live or not (
+        len(req.packages) == len(req.commit_sk) == len(req.commit_b) == len(live)
     ):
+        raise RefusedError(Refusal.BAD_REQUEST, "share packages are not those of the neighbours")
+    for owner, blob, c_sk, c_b in zip(live, req.packages, req.commit_sk, req.commit_b, strict=True):
         key = seal_key(state.lt_key, state.node_id, secrets.lt_keys[owner], owner, nonce)
         try:
             plain = keys.open_sealed(key, blob, package_ad(nonce, rnd, owner, state.node_id))
@@ -210,23 +224,25 @@ def client_mask(
             vector -= mask  # uint32 arithmetic wraps modulo 2^32
         tags.append(keys.mac(pair.mac_key, tag_message(state.node_id, peer, secrets.view)))
     secrets.uploaded = True
-    upload = {
-        "round": rnd,
-        "masked": vector.astype("<u4").tobytes(),
-        "view": secrets.view,
-        "tags-to": live,
-        "tags": tags,
-    }
+    upload = Upload(
+        round=rnd,
+        masked=vector.astype("<u4").tobytes(),
+        view=secrets.view,
+        tags_to=live,
+        tags=tags,
+    ).to_dict()
     return upload, {"clipped": encoded.clipped, "weight-capped": int(encoded.weight_capped)}
 
 
 def client_sign(state: ClientState, request: dict, identity: Identity) -> dict:
     """Consistency check: sign the one round view this node was shown, once per round."""
-    secrets, survivors, dropped = _checked_lists(state, request)
+    req = _parse(UnmaskRequest, request)
+    secrets, survivors, dropped = _checked_lists(state, req)
     if secrets.signed:
         raise RefusedError(Refusal.REPLAY, f"round {secrets.round}'s view was already signed")
     secrets.signed = round_view(state.nonce, secrets, survivors, dropped)
-    return {"round": secrets.round, "signature": signing.sign(identity.signing_key, secrets.signed)}
+    signature = signing.sign(identity.signing_key, secrets.signed)
+    return SignReply(round=secrets.round, signature=signature).to_dict()
 
 
 def client_unmask(
@@ -237,13 +253,14 @@ def client_unmask(
     max_colluders: int = 0,
 ) -> dict:
     """Check the server's request; reveal one share per neighbour and never both secrets."""
-    secrets, survivors, dropped = _checked_lists(state, request)
+    req = _parse(UnmaskRequest, request)
+    secrets, survivors, dropped = _checked_lists(state, req)
     if rule is not None and (why := rule(survivors, dropped, secrets.prepared)) is not None:
         raise RefusedError(Refusal.GROUPS, f"unmask rule: {why}")
     live = secrets.live_neighbours(survivors)
-    if _ids(request, "tags-from") != live or len(request["tags"]) != len(live):
+    if list(req.tags_from) != live or len(req.tags) != len(live):
         raise RefusedError(Refusal.BAD_REQUEST, "view tags are not those of the live neighbours")
-    for peer, tag in zip(live, request["tags"], strict=True):
+    for peer, tag in zip(live, req.tags, strict=True):
         pair = pair_keys(
             secrets.mask_key,
             state.node_id,
@@ -259,39 +276,40 @@ def client_unmask(
                 "(model, config, run config or cohort)",
             )
     if identity is not None:
-        check_signatures(state, secrets, request, survivors, dropped, identity, max_colluders)
+        check_signatures(state, secrets, req, survivors, dropped, identity, max_colluders)
     alive = set(survivors)
-    reply: dict = {"round": secrets.round, "b-of": [], "b-shares": [], "sk-of": [], "sk-shares": []}
-    for owner in sorted(secrets.held):
-        sk_share, b_share = secrets.held[owner]
-        if owner in alive:
-            reply["b-of"].append(owner)
-            reply["b-shares"].append(b_share)
-        else:
-            reply["sk-of"].append(owner)
-            reply["sk-shares"].append(sk_share)
+    b_of = [owner for owner in sorted(secrets.held) if owner in alive]
+    sk_of = [owner for owner in sorted(secrets.held) if owner not in alive]
+    reply = UnmaskReply(
+        round=secrets.round,
+        b_of=b_of,
+        b_shares=[secrets.held[owner][1] for owner in b_of],
+        sk_of=sk_of,
+        sk_shares=[secrets.held[owner][0] for owner in sk_of],
+    )
     secrets.answered = True
     secrets.forget_secrets()
-    return reply
+    return reply.to_dict()
 
 
 # -- checks ---------------------------------------------------------------------------
 
 
-def _checked_lists(state: ClientState, request: dict) -> tuple[RoundSecrets, list[int], list[int]]:
+def _checked_lists(
+    state: ClientState, req: UnmaskRequest
+) -> tuple[RoundSecrets, list[int], list[int]]:
     """The survivor and dropped lists of a request, after every check a node makes.
 
     Survivors are summed; dropped nodes are not (``excluded`` ones among them uploaded
     but were left out, e.g. for an incomplete group: alive, they still hold shares).
     """
-    rnd, _ = _check_round_request(state, request)
+    rnd, _ = _check_run(state, req)
     secrets = _round(state, rnd)
     if not secrets.uploaded:
         raise RefusedError(Refusal.REPLAY, f"this node uploaded nothing in round {rnd}")
     if secrets.answered:
         raise RefusedError(Refusal.REPLAY, f"round {rnd} was already unmasked")
-    survivors, dropped = _ids(request, "survivors"), _ids(request, "dropped")
-    excluded = _ids(request, "excluded")
+    survivors, dropped, excluded = list(req.survivors), list(req.dropped), list(req.excluded)
     both = sorted(set(survivors) & set(dropped))
     if both:
         raise RefusedError(Refusal.BAD_REQUEST, f"nodes {both} are both survivor and dropped")
@@ -319,24 +337,21 @@ def _checked_lists(state: ClientState, request: dict) -> tuple[RoundSecrets, lis
 
 
 def _checked_groups(
-    state: ClientState, request: dict, cohort: list[int], floors: ClientFloors
+    state: ClientState, req: PrepareRequest, cohort: list[int], floors: ClientFloors
 ) -> list[list[int]]:
     """The round's groups, recomputed from the run's seed; the cohort must be whole groups."""
-    if "group-size" not in request:
+    if not req.group_size:
         if state.generations or floors.min_group_size:
             raise RefusedError(Refusal.GROUPS, "groups are required in this run, none were sent")
         return []
-    size = int(request["group-size"])
+    size, seed = req.group_size, req.group_seed
     if size < max(2, floors.min_group_size):
         raise RefusedError(
             Refusal.BELOW_FLOOR,
             f"group size {size}, this node needs {max(2, floors.min_group_size)}",
         )
     try:
-        generations = groups.unflatten(
-            _ids(request, "generation-nodes"), [int(x) for x in request["generation-sizes"]]
-        )
-        seed = _bytes(request, "group-seed")
+        generations = groups.unflatten(list(req.generation_nodes), list(req.generation_sizes))
         round_groups = groups.groups_from_generations(generations, size, seed)
     except ValueError as err:
         raise RefusedError(Refusal.GROUPS, f"the groups are not a partition: {err}") from None
@@ -357,13 +372,12 @@ def _checked_groups(
 
 def _check_signed_keys(
     state: ClientState,
-    request: dict,
-    nonce: bytes,
+    req: PrepareRequest,
     peers: list[int],
     lt_keys: dict[int, bytes],
     identity: Identity,
 ) -> None:
-    signers, signatures = list(request.get("signing-keys", [])), list(request.get("signatures", []))
+    nonce, signers, signatures = req.nonce, list(req.signing_keys), list(req.signatures)
     if len(signers) != len(peers) or len(signatures) != len(peers):
         raise RefusedError(Refusal.UNSIGNED, "the server sent keys without their signatures")
     if len(set(signers)) != len(signers):
@@ -378,19 +392,22 @@ def _check_signed_keys(
     state.signers.update(zip(peers, signers, strict=True))
 
 
-def _check_version(request: dict) -> None:
-    if request.get("protocol") != PROTOCOL:
-        raise RefusedError(
-            Refusal.VERSION, f"protocol {request.get('protocol')!r}, this node speaks {PROTOCOL}"
-        )
+def _parse(cls: type[M], request: dict) -> M:
+    """``request`` as the typed message ``cls``, or a refusal naming what is wrong."""
+    try:
+        return cls.parse(request)  # type: ignore[return-value]
+    except VersionError as err:
+        raise RefusedError(Refusal.VERSION, str(err)) from None
+    except MessageError as err:
+        raise RefusedError(Refusal.BAD_REQUEST, str(err)) from None
 
 
-def _check_round_request(state: ClientState, request: dict) -> tuple[int, bytes]:
-    _check_version(request)
-    nonce = _bytes(request, "nonce")
-    if nonce != state.nonce or not state.lt_key:
+def _check_run(
+    state: ClientState, req: PrepareRequest | TrainRequest | UnmaskRequest
+) -> tuple[int, bytes]:
+    if req.nonce != state.nonce or not state.lt_key:
         raise RefusedError(Refusal.REPLAY, "the request belongs to another protocol run")
-    return int(request["round"]), nonce
+    return req.round, req.nonce
 
 
 def _round(state: ClientState, rnd: int) -> RoundSecrets:
@@ -406,17 +423,3 @@ def _split_package(plain: bytes) -> tuple[bytes, bytes, bytes]:
         raise RefusedError(Refusal.BAD_SHARE, "a share package has the wrong length")
     pk = plain[: keys.PUBLIC_KEY_BYTES]
     return pk, plain[keys.PUBLIC_KEY_BYTES : -size], plain[-size:]
-
-
-def _ids(request: dict, key: str) -> list[int]:
-    value = request.get(key)
-    if not isinstance(value, list):
-        raise RefusedError(Refusal.BAD_REQUEST, f"request field {key!r} is missing or not a list")
-    return [int(x) for x in value]
-
-
-def _bytes(request: dict, key: str) -> bytes:
-    value = request.get(key)
-    if not isinstance(value, bytes):
-        raise RefusedError(Refusal.BAD_REQUEST, f"request field {key!r} is missing or not bytes")
-    return value

@@ -12,16 +12,15 @@ from __future__ import annotations
 from flower_privacy.secagg import graph, signing
 from flower_privacy.secagg._common import Refusal, RefusedError
 from flower_privacy.secagg.floors import required_threshold
+from flower_privacy.secagg.messages import UnmaskRequest
 from flower_privacy.secagg.state import ClientState, Identity, RoundSecrets
 from flower_privacy.secagg.views import advertise_message, round_view
-
-SIGNATURE_FIELDS = ("signers", "signatures", "signer-keys", "signer-lt-keys", "signer-bindings")
 
 
 def check_signatures(
     state: ClientState,
     secrets: RoundSecrets,
-    request: dict,
+    req: UnmaskRequest,
     survivors: list[int],
     dropped: list[int],
     identity: Identity,
@@ -33,11 +32,16 @@ def check_signatures(
         raise RefusedError(Refusal.UNSIGNED, "this node signed no view of the round")
     if secrets.signed != expected:
         raise RefusedError(Refusal.UNSIGNED, "the unmask lists differ from the view it signed")
-    columns = [request.get(name) for name in SIGNATURE_FIELDS]
-    if not all(isinstance(c, list) for c in columns) or len({len(c) for c in columns}) != 1:
+    columns = [
+        req.signers,
+        req.signatures,
+        req.signer_keys,
+        req.signer_lt_keys,
+        req.signer_bindings,
+    ]
+    if len({len(c) for c in columns}) != 1:
         raise RefusedError(Refusal.UNSIGNED, "malformed signature lists")
-    signers = [int(x) for x in columns[0]]
-    keys_seen = list(columns[2])
+    signers, keys_seen = list(req.signers), list(req.signer_keys)
     if len(set(keys_seen)) != len(keys_seen) or len(set(signers)) != len(signers):
         raise RefusedError(Refusal.UNSIGNED, "one signer or signing key appears twice")
     valid: set[int] = set()

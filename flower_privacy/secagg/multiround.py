@@ -85,13 +85,13 @@ class GroupPlan:
         )
 
     def request_fields(self) -> dict:
-        """What clients need to recompute the groups."""
+        """What clients need to recompute the groups (``PrepareRequest`` fields by name)."""
         nodes, sizes = groups.flatten(self.generations)
         return {
-            "group-size": self.group_size,
-            "group-seed": self.seed,
-            "generation-nodes": nodes,
-            "generation-sizes": sizes,
+            "group_size": self.group_size,
+            "group_seed": self.seed,
+            "generation_nodes": nodes,
+            "generation_sizes": sizes,
         }
 
     def keep(self, survivors: list[int]) -> tuple[list[int], list[int]]:

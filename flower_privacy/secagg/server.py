@@ -11,6 +11,18 @@ from flower_privacy.secagg import canonical, graph, keys, shamir, signing
 from flower_privacy.secagg._common import EXTRA_SLOTS, PROTOCOL, ProtocolError
 from flower_privacy.secagg._common import mask_sign as _sign
 from flower_privacy.secagg.floors import required_threshold
+from flower_privacy.secagg.messages import (
+    AdvertiseReply,
+    AdvertiseRequest,
+    MessageError,
+    PrepareReply,
+    PrepareRequest,
+    SignReply,
+    TrainRequest,
+    UnmaskReply,
+    UnmaskRequest,
+    Upload,
+)
 from flower_privacy.secagg.prg import expand_mask
 from flower_privacy.secagg.views import (
     advertise_message,
@@ -43,10 +55,10 @@ class _Round:
     threshold: int
     seed: bytes
     neighbours: dict[int, list[int]]
-    prepares: dict[int, dict] = field(default_factory=dict)
+    prepares: dict[int, PrepareReply] = field(default_factory=dict)
     prepared: list[int] = field(default_factory=list)
-    uploads: dict[int, dict] = field(default_factory=dict)
-    excluded: dict[int, dict] = field(default_factory=dict)  # uploaded, left out of the sum
+    uploads: dict[int, Upload] = field(default_factory=dict)
+    excluded: dict[int, Upload] = field(default_factory=dict)  # uploaded, left out of the sum
     signatures: dict[int, bytes] = field(default_factory=dict)
 
 
@@ -93,19 +105,19 @@ class SecAggServer:
         return sorted(n for n in nodes if n not in self.lt_keys)
 
     def advertise_request(self) -> dict:
-        return {"protocol": PROTOCOL, "nonce": self.nonce}
+        return AdvertiseRequest(protocol=PROTOCOL, nonce=self.nonce).to_dict()
 
     def accept_advertisement(self, node: int, reply: dict) -> None:
-        key = reply.get("lt-key")
-        if not isinstance(key, bytes) or len(key) != keys.PUBLIC_KEY_BYTES:
+        try:
+            parsed = AdvertiseReply.parse(reply)
+        except MessageError as err:
+            raise ProtocolError(f"node {node}: {err}") from None
+        key = parsed.lt_key
+        if len(key) != keys.PUBLIC_KEY_BYTES:
             raise ProtocolError(f"node {node} advertised no valid long-term key")
         if self.consistency:
-            signer, binding = reply.get("signing-key"), reply.get("key-signature")
-            if not (
-                isinstance(signer, bytes)
-                and isinstance(binding, bytes)
-                and signing.verify(signer, binding, advertise_message(self.nonce, node, key))
-            ):
+            signer, binding = parsed.signing_key, parsed.key_signature
+            if not signing.verify(signer, binding, advertise_message(self.nonce, node, key)):
                 raise ProtocolError(
                     f"node {node} advertised no validly signed key: the consistency option "
                     "needs a signing key on every node (node config secagg-signing-key)"
@@ -115,8 +127,13 @@ class SecAggServer:
 
     # -- one round ------------------------------------------------------------------
 
-    def prepare_requests(self, rnd: int, cohort: list[int], extra: dict) -> dict[int, dict]:
-        """Fix round ``rnd``'s cohort and graph; one prepare request per cohort node."""
+    def prepare_requests(
+        self, rnd: int, cohort: list[int], extra: dict | None = None
+    ) -> dict[int, dict]:
+        """Fix round ``rnd``'s cohort and graph; one prepare request per cohort node.
+
+        ``extra``: further :class:`PrepareRequest` fields by name (groups, survivor floor).
+        """
         cohort = sorted(set(cohort))
         unknown = self.nodes_to_advertise(cohort)
         if unknown:
@@ -143,21 +160,25 @@ class SecAggServer:
         requests = {}
         for node in cohort:
             peers = neighbours[node]
-            request = {
-                "protocol": PROTOCOL,
-                "nonce": self.nonce,
-                "round": rnd,
-                "cohort": cohort,
-                "degree": degree,
-                "threshold": t,
-                "graph-seed": seed,
-                "keys-of": peers,
-                "keys": [self.lt_keys[v] for v in peers],
-                **extra,
-            }
+            signed = {}
             if self.consistency:
-                request["signing-keys"] = [self._signing[v][0] for v in peers]
-                request["signatures"] = [self._signing[v][1] for v in peers]
+                signed = {
+                    "signing_keys": [self._signing[v][0] for v in peers],
+                    "signatures": [self._signing[v][1] for v in peers],
+                }
+            request = PrepareRequest(
+                protocol=PROTOCOL,
+                nonce=self.nonce,
+                round=rnd,
+                cohort=cohort,
+                degree=degree,
+                threshold=t,
+                graph_seed=seed,
+                keys_of=peers,
+                keys=[self.lt_keys[v] for v in peers],
+                **signed,
+                **(extra or {}),
+            ).to_dict()
             requests[node] = request
         return requests
 
@@ -173,21 +194,21 @@ class SecAggServer:
         peers = state.neighbours.get(node)
         if peers is None:
             return "not in the round's cohort"
-        if reply.get("round") != rnd:
-            return f"prepare reply for round {reply.get('round')!r}, expected {rnd}"
-        if [int(x) for x in reply.get("to", [])] != peers:
+        try:
+            parsed = PrepareReply.parse(reply)
+        except MessageError as err:
+            return str(err)
+        if parsed.round != rnd:
+            return f"prepare reply for round {parsed.round}, expected {rnd}"
+        if list(parsed.to) != peers:
             return "shares not addressed to its round neighbours"
-        if not _sized(reply.get("mask-key"), keys.PUBLIC_KEY_BYTES) or not _sized(
-            reply.get("seed-commitment"), _DIGEST
-        ):
+        if len(parsed.mask_key) != keys.PUBLIC_KEY_BYTES or len(parsed.seed_commitment) != _DIGEST:
             return "malformed round key or seed commitment"
-        for name in ("packages", "commit-sk", "commit-b"):
-            values = reply.get(name)
-            if not isinstance(values, list) or len(values) != len(peers):
-                return f"{name} do not match its neighbours"
-        if not all(_sized(c, _DIGEST) for c in reply["commit-sk"] + reply["commit-b"]):
+        if not len(parsed.packages) == len(parsed.commit_sk) == len(parsed.commit_b) == len(peers):
+            return "packages or commitments do not match its neighbours"
+        if not all(len(c) == _DIGEST for c in parsed.commit_sk + parsed.commit_b):
             return "malformed share commitments"
-        state.prepares[node] = reply
+        state.prepares[node] = parsed
         return None
 
     def prepared_nodes(self, rnd: int) -> list[int]:
@@ -219,19 +240,19 @@ class SecAggServer:
             for owner in owners:
                 reply = state.prepares[owner]
                 index = state.neighbours[owner].index(holder)
-                packages.append(reply["packages"][index])
-                commit_sk.append(reply["commit-sk"][index])
-                commit_b.append(reply["commit-b"][index])
-            requests[holder] = {
-                "protocol": PROTOCOL,
-                "nonce": self.nonce,
-                "round": rnd,
-                "prepared": state.prepared,
-                "from": owners,
-                "packages": packages,
-                "commit-sk": commit_sk,
-                "commit-b": commit_b,
-            }
+                packages.append(reply.packages[index])
+                commit_sk.append(reply.commit_sk[index])
+                commit_b.append(reply.commit_b[index])
+            requests[holder] = TrainRequest(
+                protocol=PROTOCOL,
+                nonce=self.nonce,
+                round=rnd,
+                prepared=state.prepared,
+                from_=owners,
+                packages=packages,
+                commit_sk=commit_sk,
+                commit_b=commit_b,
+            ).to_dict()
         return requests
 
     def prepared(self, rnd: int) -> list[int]:
@@ -242,21 +263,22 @@ class SecAggServer:
         state = self._rounds[rnd]
         if node not in state.prepared:
             return "not in the round's prepared cohort"
-        if reply.get("round") != rnd:
-            return f"upload for round {reply.get('round')!r}, expected {rnd}"
-        if not _sized(reply.get("masked"), 4 * (length + EXTRA_SLOTS)):
+        try:
+            upload = Upload.parse(reply)
+        except MessageError as err:
+            return str(err)
+        if upload.round != rnd:
+            return f"upload for round {upload.round}, expected {rnd}"
+        if len(upload.masked) != 4 * (length + EXTRA_SLOTS):
             return f"masked vector is not {4 * (length + EXTRA_SLOTS)} bytes"
         live = [v for v in state.neighbours[node] if v in set(state.prepared)]
-        tags = reply.get("tags")
-        if [int(x) for x in reply.get("tags-to", [])] != live or not (
-            isinstance(tags, list)
-            and len(tags) == len(live)
-            and all(_sized(t, _DIGEST) for t in tags)
+        if list(upload.tags_to) != live or not (
+            len(upload.tags) == len(live) and all(len(t) == _DIGEST for t in upload.tags)
         ):
             return "view tags are not addressed to its round neighbours"
-        if not _sized(reply.get("view"), _DIGEST):
+        if len(upload.view) != _DIGEST:
             return "no view digest"
-        state.uploads[node] = reply
+        state.uploads[node] = upload
         return None
 
     def survivors(self, rnd: int) -> list[int]:
@@ -288,22 +310,26 @@ class SecAggServer:
     def consistency_requests(self, rnd: int) -> dict[int, dict]:
         survivors, dropped, excluded = self._lists(rnd)
         self._rounds[rnd].signatures = {}
-        request = {
-            "protocol": PROTOCOL,
-            "nonce": self.nonce,
-            "round": rnd,
-            "survivors": survivors,
-            "dropped": dropped,
-            "excluded": excluded,
-        }
+        request = UnmaskRequest(
+            protocol=PROTOCOL,
+            nonce=self.nonce,
+            round=rnd,
+            survivors=survivors,
+            dropped=dropped,
+            excluded=excluded,
+        ).to_dict()
         return {node: request for node in self._holders(rnd)}
 
     def accept_consistency(self, rnd: int, replies: dict[int, dict]) -> None:
         """Keep the signatures (the clients verify them; the server cannot forge any)."""
         state = self._rounds[rnd]
         for node, reply in replies.items():
-            if node in self._holders(rnd) and _sized(reply.get("signature"), 64):
-                state.signatures[node] = reply["signature"]
+            try:
+                signed = SignReply.parse(reply)
+            except MessageError:
+                continue
+            if node in self._holders(rnd) and signed.round == rnd and len(signed.signature) == 64:
+                state.signatures[node] = signed.signature
 
     def unmask_requests(self, rnd: int) -> dict[int, dict]:
         """Per survivor: the lists, its live neighbours' view tags and (option) signatures."""
@@ -321,28 +347,27 @@ class SecAggServer:
             tags = []
             for sender in live:
                 upload = state.uploads[sender]
-                tags.append(upload["tags"][[int(x) for x in upload["tags-to"]].index(holder)])
-            request = {
-                "protocol": PROTOCOL,
-                "nonce": self.nonce,
-                "round": rnd,
-                "survivors": survivors,
-                "dropped": dropped,
-                "excluded": excluded,
-                "tags-from": live,
-                "tags": tags,
-            }
+                tags.append(upload.tags[list(upload.tags_to).index(holder)])
+            signatures = {}
             if self.consistency:
-                request.update(
-                    {
-                        "signers": signed,
-                        "signatures": [state.signatures[n] for n in signed],
-                        "signer-keys": [self._signing[n][0] for n in signed],
-                        "signer-lt-keys": [self.lt_keys[n] for n in signed],
-                        "signer-bindings": [self._signing[n][1] for n in signed],
-                    }
-                )
-            requests[holder] = request
+                signatures = {
+                    "signers": signed,
+                    "signatures": [state.signatures[n] for n in signed],
+                    "signer_keys": [self._signing[n][0] for n in signed],
+                    "signer_lt_keys": [self.lt_keys[n] for n in signed],
+                    "signer_bindings": [self._signing[n][1] for n in signed],
+                }
+            requests[holder] = UnmaskRequest(
+                protocol=PROTOCOL,
+                nonce=self.nonce,
+                round=rnd,
+                survivors=survivors,
+                dropped=dropped,
+                excluded=excluded,
+                tags_from=live,
+                tags=tags,
+                **signatures,
+            ).to_dict()
         return requests
 
     def unmask(self, rnd: int, replies: dict[int, dict], length: int) -> RoundResult:
@@ -354,35 +379,42 @@ class SecAggServer:
         b_shares: dict[int, list[bytes]] = {u: [] for u in survivors}
         sk_shares: dict[int, list[bytes]] = {u: [] for u in dropped}
         bad: set[int] = set()
-        for holder, reply in replies.items():
-            if holder not in holders or reply.get("round") != rnd:
+        for holder, raw in replies.items():
+            try:
+                reply = UnmaskReply.parse(raw)
+            except MessageError:
+                bad.add(holder)
+                continue
+            if holder not in holders or reply.round != rnd:
                 continue
             peers = set(state.neighbours[holder])
-            for kind, owners, target, allowed in (
-                ("b", "b-of", b_shares, alive),
-                ("sk", "sk-of", sk_shares, gone),
+            for kind, owners, shares, target, allowed in (
+                ("b", reply.b_of, reply.b_shares, b_shares, alive),
+                ("sk", reply.sk_of, reply.sk_shares, sk_shares, gone),
             ):
-                shares = reply.get(f"{kind}-shares", [])
-                for owner, share in zip(reply.get(owners, []), shares, strict=False):
-                    owner = int(owner)
+                if len(owners) != len(shares):
+                    bad.add(holder)
+                    continue
+                for owner, share in zip(owners, shares, strict=True):
                     index = state.neighbours[owner].index(holder) if owner in peers else -1
-                    commit = state.prepares[owner][f"commit-{kind}"][index] if index >= 0 else b""
-                    if (
-                        owner not in allowed
-                        or not isinstance(share, bytes)
-                        or commit != (share_commitment(self.nonce, rnd, owner, holder, kind, share))
-                    ):
+                    commits = (
+                        state.prepares[owner].commit_b
+                        if kind == "b"
+                        else (state.prepares[owner].commit_sk)
+                    )
+                    commit = commits[index] if index >= 0 and owner in allowed else b""
+                    if commit != share_commitment(self.nonce, rnd, owner, holder, kind, share):
                         bad.add(holder)  # a share that is not what its owner committed to
                         continue
                     target[owner].append(share)
         total = np.zeros(length + EXTRA_SLOTS, dtype=np.uint32)
         for node in survivors:
-            total += np.frombuffer(state.uploads[node]["masked"], dtype="<u4")
+            total += np.frombuffer(state.uploads[node].masked, dtype="<u4")
         for node in survivors:
             seed = self._rebuild(node, b_shares[node], state.threshold, "self-mask seed")
             if (
                 self_seed_commitment(self.nonce, rnd, node, seed)
-                != state.prepares[node]["seed-commitment"]
+                != state.prepares[node].seed_commitment
             ):
                 raise ProtocolError(f"node {node} shared a self-mask seed it did not commit to")
             total -= expand_mask(seed, _SELF + canonical.encode([self.nonce, rnd]), total.size)
@@ -391,12 +423,12 @@ class SecAggServer:
             if not live:
                 continue  # no survivor masked with it
             mask_key = self._rebuild(node, sk_shares[node], state.threshold, "round key")
-            if keys.public_key(mask_key) != state.prepares[node]["mask-key"]:
+            if keys.public_key(mask_key) != state.prepares[node].mask_key:
                 raise ProtocolError(f"node {node} shared a round key it did not commit to")
             for peer in live:
-                peer_key = state.prepares[peer]["mask-key"]
+                peer_key = state.prepares[peer].mask_key
                 pair = pair_keys(mask_key, node, peer_key, peer, self.nonce, rnd)
-                mask = expand_mask(pair.mask_seed(state.uploads[peer]["view"]), _PAIR, total.size)
+                mask = expand_mask(pair.mask_seed(state.uploads[peer].view), _PAIR, total.size)
                 if _sign(peer, node) > 0:  # the survivor added it: take it away
                     total -= mask
                 else:
@@ -423,7 +455,3 @@ class SecAggServer:
             raise ProtocolError(
                 f"shares of node {owner}'s {what} are inconsistent: {err}"
             ) from None
-
-
-def _sized(value: object, size: int) -> bool:
-    return isinstance(value, bytes) and len(value) == size

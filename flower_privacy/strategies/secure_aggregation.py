@@ -251,11 +251,12 @@ class SecureAggregation(StrictRounds):
                 "the quantised sum could wrap; raise max_clients",
             )
         shared = wire.without_stages(inner[0].content)
-        fields = self._train_fields()
+        masking = self._masking().to_payload()
         messages = []
         for node, request in requests.items():
             content = RecordDict(dict(shared.items()))
-            wire.put(content, wire.TRAIN, {**request, **fields})
+            wire.put(content, wire.TRAIN, request)
+            wire.put(content, wire.MASKING, masking)
             messages.append(
                 Message(content, node, "train", ttl=self.round_timeout, group_id=str(server_round))
             )
@@ -349,7 +350,7 @@ class SecureAggregation(StrictRounds):
         return max(int(available * fraction), int(getattr(inner, "min_train_nodes", 1)))
 
     def _prepare_fields(self) -> dict:
-        fields: dict = {"min-survivors": self.min_train_replies}
+        fields: dict = {"min_survivors": self.min_train_replies}
         if self.plan is not None and self.plan.rule != "random":
             fields.update(self.plan.request_fields())
         return fields
@@ -423,18 +424,16 @@ class SecureAggregation(StrictRounds):
 
     # -- the round's result ----------------------------------------------------------
 
-    def _train_fields(self) -> dict:
-        fields = {
-            "arrays-key": self.arrays_key,
-            "weight-key": self.weight_key,
-            "weighting": self.weighting,
-            "clip-range": self.quantizer.clip_range,
-            "max-weight": self.quantizer.max_weight,
-            "max-clients": self.quantizer.max_clients,
-        }
-        if self.encoding is not None:
-            fields.update(self.encoding.request_fields())
-        return fields
+    def _masking(self) -> wire.Masking:
+        return wire.Masking(
+            arrays_key=self.arrays_key,
+            weight_key=self.weight_key,
+            weighting=self.weighting,
+            clip_range=self.quantizer.clip_range,
+            max_weight=self.quantizer.max_weight,
+            max_clients=self.quantizer.max_clients,
+            dp={} if self.encoding is None else self.encoding.request_fields(),
+        )
 
     def _finish(
         self,
