@@ -396,3 +396,42 @@ def test_plain_apps_are_untouched_by_the_mod_when_nothing_is_required() -> None:
 
     grid = InProcessGrid(app, num_nodes=1)
     assert not _plain_request(grid, 1001).has_error()
+
+
+# -- 3 (continued): the distributed-DP noise floor belongs to the client ------------------
+
+
+def test_3_a_node_noise_floor_refuses_a_server_that_scales_the_noise_down() -> None:
+    from test_client_level_dp import _distributed, _unchanged_app
+
+    from flower_privacy.dp.distributed import DistributedNoiseEncoding
+    from flower_privacy.secagg.floors import MIN_NOISE_MULTIPLIER
+
+    n = 8
+    honest = InProcessGrid(_unchanged_app([secagg_mod]), num_nodes=n)
+    strategy = _distributed(n, 5)
+    strategy.start(honest, _zeros(), num_rounds=1)
+    masking = next(
+        wire.payload_of(e.message.content, wire.MASKING)
+        for e in honest.transcript
+        if e.direction == "to-node" and wire.TRAIN in wire.stages_of(e.message.content)
+    )
+    z = DistributedNoiseEncoding.from_request(masking).noise_multiplier(5)
+    configs = [{MIN_NOISE_MULTIPLIER: 0.9 * z}] * n
+    grid = InProcessGrid(_unchanged_app([secagg_mod]), num_nodes=n, node_configs=configs)
+    assert _distributed(n, 5).start(grid, _zeros(), num_rounds=1).arrays is not None  # honest
+
+    def less_noise(msg: Message) -> Message:
+        if wire.MASKING in wire.stages_of(msg.content) or wire.TRAIN in wire.stages_of(msg.content):
+            payload = wire.payload_of(msg.content, wire.MASKING)
+            payload["dp-share-variance"] = payload["dp-share-variance"] / 100  # z / 10
+            wire.put(msg.content, wire.MASKING, payload)
+        return msg
+
+    grid = InProcessGrid(_unchanged_app([secagg_mod]), num_nodes=n, node_configs=configs)
+    grid.intercept(less_noise)
+    attacked = _distributed(n, 5)
+    with pytest.raises(RunHaltedError):
+        attacked.start(grid, _zeros(), num_rounds=1)
+    assert {code for _, code in _codes(attacked.strategy)} == {Refusal.BELOW_FLOOR}
+    assert not _seen(grid, "from-node", wire.UPLOAD, 1)  # no node masked under less noise

@@ -66,6 +66,14 @@ class DistributedNoiseEncoding:
             values=discrete.to_modular(rounded + noise), clipped=0, weight=1, weight_capped=False
         )
 
+    def noise_multiplier(self, survivors: int) -> float:
+        """The noise ``survivors`` shares add up to: its standard deviation over the clip norm.
+
+        Nominal: the calibration also charges conditional rounding; clients compare this
+        with their own floor (node config ``secagg-min-noise-multiplier``).
+        """
+        return math.sqrt(survivors * self.share_variance) / (self.scale * self.clip_norm)
+
     def decode_sum(self, total: np.ndarray, denominator: float) -> np.ndarray:
         """The noisy sum mod 2^32, centred, in update units, divided by ``denominator``."""
         if not denominator > 0:

@@ -174,8 +174,9 @@ class SecAggMod:
                 max_weight=masking.max_weight,
                 max_clients=masking.max_clients,
             )
+        floor = protocol.ClientFloors.from_node_config(context.node_config).min_noise_multiplier
         upload, report = protocol.client_mask(
-            state, request, np.concatenate(deltas), weight, quantizer, digest
+            state, request, np.concatenate(deltas), weight, quantizer, digest, floor
         )
         # The report stays on this node: a per-client clipped count is data; the server
         # learns only the masked sum of the counts.

@@ -157,11 +157,13 @@ def client_mask(
     weight: int,
     encoder: Encoder,
     content_digest: bytes,
+    min_noise_multiplier: float = 0.0,
 ) -> tuple[dict, dict]:
     """Mask ``weight * update`` for the round; returns (upload, report of what was clipped).
 
     ``content_digest`` is the canonical digest of the training message (model, config)
-    and the node's run config: it enters every pairwise mask and the view tags.
+    and the node's run config: it enters every pairwise mask and the view tags. A node
+    with a noise floor refuses an encoder whose promised noise is below it.
     """
     req = _parse(TrainRequest, request)
     rnd, nonce = _check_run(state, req)
@@ -179,6 +181,15 @@ def client_mask(
         )
     if secrets.groups and not groups.is_union_of_groups(secrets.groups, prepared):
         raise RefusedError(Refusal.GROUPS, "the prepared nodes are not a union of whole groups")
+    if min_noise_multiplier > 0:
+        promised = getattr(encoder, "noise_multiplier", None)
+        noise = 0.0 if promised is None else promised(secrets.min_survivors)
+        if noise < min_noise_multiplier:
+            raise RefusedError(
+                Refusal.BELOW_FLOOR,
+                f"distributed DP noise {noise:.4g} (x clip norm) with "
+                f"{secrets.min_survivors} survivors, this node needs {min_noise_multiplier}",
+            )
     live = secrets.live_neighbours(prepared)
     if len(live) < secrets.threshold:
         raise RefusedError(
@@ -226,7 +237,7 @@ def client_mask(
     secrets.uploaded = True
     upload = Upload(
         round=rnd,
-        masked=vector.astype("<u4").tobytes(),
+        masked=vector.astype("<u4", copy=False).tobytes(),
         view=secrets.view,
         tags_to=live,
         tags=tags,

@@ -23,6 +23,7 @@ MIN_COHORT = "secagg-min-cohort"
 MIN_SURVIVORS = "secagg-min-survivors"
 MIN_GROUP_SIZE = "secagg-min-group-size"
 REQUIRED = "secagg-required"
+MIN_NOISE_MULTIPLIER = "secagg-min-noise-multiplier"
 
 
 def required_threshold(degree: int, max_colluders: int) -> int:
@@ -50,6 +51,10 @@ class ClientFloors:
         With groups (multi-round privacy) required: their least size; 0 = not required.
     required : bool
         Refuse every plain training request (no downgrade to unprotected updates).
+    min_noise_multiplier : float
+        With distributed DP: the least noise (standard deviation over the clip norm) the
+        promised survivors' shares must add up to; 0 = none required. Above 0 the node
+        also refuses rounds without distributed DP noise.
     """
 
     max_colluders: int = 0
@@ -58,11 +63,19 @@ class ClientFloors:
     min_survivors: int = 3
     min_group_size: int = 0
     required: bool = False
+    min_noise_multiplier: float = 0.0
 
     def __post_init__(self) -> None:
+        if not (math.isfinite(self.min_noise_multiplier) and self.min_noise_multiplier >= 0):
+            raise ValueError(
+                "min_noise_multiplier must be a finite number >= 0, got "
+                f"{self.min_noise_multiplier}"
+            )
         for f in fields(self):
             value = getattr(self, f.name)
-            if f.name != "required" and (isinstance(value, bool) or value < 0):
+            if f.name in ("required", "min_noise_multiplier"):
+                continue
+            if isinstance(value, bool) or value < 0:
                 raise ValueError(f"{f.name} must be an integer >= 0, got {value!r}")
         if self.min_degree < 2 or self.min_cohort < 3 or self.min_survivors < 2:
             raise ValueError(
@@ -103,11 +116,19 @@ class ClientFloors:
                 raise ValueError(f"node config {REQUIRED} must be true or false, got {required!r}")
             required = required.lower() in ("true", "1")
         values["required"] = bool(required)
+        if MIN_NOISE_MULTIPLIER in node_config:
+            raw = node_config[MIN_NOISE_MULTIPLIER]
+            try:
+                values["min_noise_multiplier"] = float(raw)  # type: ignore[arg-type]
+            except (TypeError, ValueError):
+                raise ValueError(
+                    f"node config {MIN_NOISE_MULTIPLIER} must be a number, got {raw!r}"
+                ) from None
         try:
             return cls(**values)  # type: ignore[arg-type]
         except ValueError as err:
             text = str(err)
-            for key, name in keys.items():
+            for key, name in {**keys, MIN_NOISE_MULTIPLIER: "min_noise_multiplier"}.items():
                 text = text.replace(name, f"node config {key}")
             raise ValueError(text) from None
 
