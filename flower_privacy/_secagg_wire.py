@@ -58,8 +58,13 @@ def refusal_of(payload: dict) -> tuple[str, str] | None:
     return str(payload[REFUSED]), str(payload.get(DETAIL, ""))
 
 
-def content_digest(content: RecordDict, run_config: dict | None = None) -> bytes:
+def content_digest(
+    content: RecordDict, run_config: dict | None = None, masking: dict | None = None
+) -> bytes:
     """Canonical digest of what a training message tells a node to do, and its run config.
+
+    ``masking`` (the :data:`MASKING` payload: clip range, weights, DP noise) enters too:
+    encoding settings shown to one node only would let its update dominate the sum.
 
     Arrays enter with their dtype, shape and bytes; configs and metrics with their typed
     values. Two nodes holding different models, configs or run configs get different
@@ -77,6 +82,7 @@ def content_digest(content: RecordDict, run_config: dict | None = None) -> bytes
         },
         "metrics": {name: dict(record.items()) for name, record in content.metric_records.items()},
         "run-config": dict(run_config or {}),
+        "masking": dict(masking or {}),
     }
     return canonical.digest("train-content", value)
 

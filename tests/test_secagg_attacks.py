@@ -435,3 +435,78 @@ def test_3_a_node_noise_floor_refuses_a_server_that_scales_the_noise_down() -> N
         attacked.start(grid, _zeros(), num_rounds=1)
     assert {code for _, code in _codes(attacked.strategy)} == {Refusal.BELOW_FLOOR}
     assert not _seen(grid, "from-node", wire.UPLOAD, 1)  # no node masked under less noise
+
+
+# -- found in review: replayed runs, unbound masking settings, train.<action>, groups ---
+
+
+def test_1_an_ended_protocol_run_cannot_be_replayed() -> None:
+    grid = InProcessGrid(_updates_app(1), num_nodes=5)
+    strategy = _secagg(5)
+    strategy.start(grid, _zeros(), num_rounds=1)
+    first_nonce = strategy.protocol.nonce
+    strategy.start(grid, _zeros(), num_rounds=1)  # a second protocol run
+
+    def rollback(msg: Message) -> Message:
+        for stage in wire.stages_of(msg.content):
+            payload = wire.payload_of(msg.content, stage)
+            wire.put(msg.content, stage, {**payload, "nonce": first_nonce})
+        return msg
+
+    grid.intercept(rollback)
+    with pytest.raises(RunHaltedError):
+        strategy.start(grid, _zeros(), num_rounds=1)
+    assert {code for _, code in _codes(strategy)} == {Refusal.REPLAY}
+    # Each run had its own sealing keys: run 1's packages open under no later key.
+    sealing: dict[int, list[bytes]] = {}
+    for entry in grid.transcript:
+        content = entry.message.content if entry.message.has_content() else None
+        if entry.direction == "from-node" and content and wire.ADVERTISE in wire.stages_of(content):
+            payload = wire.payload_of(content, wire.ADVERTISE)
+            if "lt-key" in payload:
+                sealing.setdefault(entry.node_id, []).append(payload["lt-key"])
+    assert all(len(v) == 2 and v[0] != v[1] for v in sealing.values()) and len(sealing) == 5
+
+
+def test_5_masking_settings_shown_to_one_node_only_are_caught() -> None:
+    grid = InProcessGrid(_updates_app(11), num_nodes=6)
+
+    def coarsen(msg: Message) -> Message:
+        if msg.metadata.dst_node_id != VICTIM and wire.TRAIN in wire.stages_of(msg.content):
+            payload = wire.payload_of(msg.content, wire.MASKING)
+            wire.put(msg.content, wire.MASKING, {**payload, "max-clients": 2**20})
+        return msg
+
+    grid.intercept(coarsen)
+    strategy = _secagg(6)
+    with pytest.raises(RunHaltedError):
+        strategy.start(grid, _zeros(), num_rounds=1)
+    assert {code for _, code in _codes(strategy)} == {Refusal.INCONSISTENT_VIEW}
+    assert not _seen(grid, "from-node", wire.UNMASK, 1)
+
+
+def test_7_a_train_action_message_is_training_too() -> None:
+    grid = InProcessGrid(_updates_app(1), num_nodes=3, node_configs=[{REQUIRED: True}, {}, {}])
+    content = RecordDict({"arrays": _zeros(), "config": ConfigRecord({"server-round": 9})})
+    (reply,) = grid.send_and_receive([Message(content, 1001, "train.default")])
+    assert reply.has_error() and Refusal.DOWNGRADE in reply.error.reason
+
+
+def test_4_one_node_shown_another_partition_cannot_be_aggregated_with_the_rest() -> None:
+    grid = InProcessGrid(_updates_app(1), num_nodes=9)
+
+    def other_partition(msg: Message) -> Message:
+        if msg.metadata.dst_node_id == VICTIM and wire.PREPARE in wire.stages_of(msg.content):
+            payload = wire.payload_of(msg.content, wire.PREPARE)
+            wire.put(msg.content, wire.PREPARE, {**payload, "group-seed": b"another partition"})
+        return msg
+
+    grid.intercept(other_partition)
+    strategy = _secagg(9, group_size=3, max_failed_rounds=2)
+    try:
+        strategy.start(grid, _zeros(), num_rounds=2)
+    except RunHaltedError:
+        pass
+    assert {code for _, code in _codes(strategy)} <= {Refusal.GROUPS, Refusal.INCONSISTENT_VIEW}
+    assert strategy.refusals
+    assert all(VICTIM not in members for members in strategy.plan.history)

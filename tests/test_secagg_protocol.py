@@ -558,7 +558,25 @@ def test_an_owner_whose_shares_miss_its_commitment_is_named(owner_drops, what) -
             other = keys.public_key(keys.generate_private_key())
             reply = dict(reply, **{field: other})
         assert fed.server.accept_prepare(1, node, reply) is None
-    fed.train(1, updates, weights, lost=[104] if owner_drops else [])
+    if owner_drops:
+        # Its holders compare the key in their packages with the committed one: they
+        # refuse before masking, naming the owner.
+        holder = next(n for n in fed.server.train_requests(1) if n != 104)
+        request = fed.server.train_requests(1)[holder]
+        err = refused(
+            p.Refusal.BAD_SHARE,
+            fed.call,
+            holder,
+            p.client_mask,
+            request,
+            updates[holder],
+            weights[holder],
+            QUANT,
+            CONTENT,
+        )
+        assert "node 104 gave holders another round key" in err.detail
+        return
+    fed.train(1, updates, weights)
     replies = fed.reveal(1)
     with pytest.raises(p.ProtocolError, match=f"node 104 shared a {what}"):
         fed.server.unmask(1, replies, 8)

@@ -258,12 +258,36 @@ def test_a_forged_error_text_with_the_old_refusal_marker_does_not_halt_the_run()
     assert result.train_metrics_clientapp[1]["secagg-dropped"] == 1
 
 
-def test_refusals_beyond_the_limit_stop_the_run() -> None:
+def test_refusals_by_more_nodes_than_tolerated_stop_the_run() -> None:
+    grid = InProcessGrid(_updates_app(1), num_nodes=9)
+    _tamper(grid, wire.UNMASK, lambda p: {**p, "dropped": [1003]})  # node 1001 refuses
+    _tamper(grid, wire.UNMASK, lambda p: {**p, "dropped": [1004]}, node=1002)
+    result = _secagg(9, max_refusals=1).start(grid, _zeros(), num_rounds=4)
+    assert result.halt_reason is not None and "max_refusals=1" in result.halt_reason
+    assert sorted(result.train_metrics_clientapp) == [1]
+
+
+def test_one_node_refusing_every_round_never_stops_the_run() -> None:
     grid = InProcessGrid(_updates_app(1), num_nodes=5)
     _tamper(grid, wire.UNMASK, lambda p: {**p, "dropped": [1003]})
-    result = _secagg(5, max_refusals=1).start(grid, _zeros(), num_rounds=4)
-    assert result.halt_reason is not None and "max_refusals=1" in result.halt_reason
-    assert sorted(result.train_metrics_clientapp) == [1, 2]
+    strategy = _secagg(5, max_refusals=1)
+    result = strategy.start(grid, _zeros(), num_rounds=4)
+    assert result.halt_reason is None and len(strategy.refusals) == 4
+    with pytest.raises(ValueError, match="max_refusals must be >= 1"):
+        _secagg(5, max_refusals=0)
+
+
+def test_an_unknown_refusal_code_is_a_bad_reply_not_a_security_event() -> None:
+    def liar(msg: Message, context: Context, call_next):  # noqa: ANN001, ANN202
+        reply = secagg_mod(msg, context, call_next)
+        if context.node_id == 1002 and wire.UNMASK in wire.stages_of(reply.content):
+            wire.put(reply.content, wire.UNMASK, {wire.REFUSED: "anything", wire.DETAIL: "x"})
+        return reply
+
+    grid = InProcessGrid(_updates_app(2, mods=[liar]), num_nodes=5)
+    strategy = _secagg(5, max_refusals=1)
+    result = strategy.start(grid, _zeros(), num_rounds=3)
+    assert not strategy.refusals and not result.failed_rounds
 
 
 def test_a_replayed_unmask_request_is_refused() -> None:

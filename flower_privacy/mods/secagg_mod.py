@@ -50,7 +50,8 @@ class SecAggMod:
     def __call__(
         self, msg: Message, context: Context, call_next: Callable[[Message, Context], Message]
     ) -> Message:
-        if msg.metadata.message_type != "train" or not msg.has_content():
+        # "train" and "train.<action>" both reach the app's training functions.
+        if msg.metadata.message_type.split(".")[0] != "train" or not msg.has_content():
             return call_next(msg, context)
         stages = wire.stages_of(msg.content)
         state = _load(context)
@@ -132,9 +133,10 @@ class SecAggMod:
         return self._identities[cache_key]
 
     def _train(self, msg, context, call_next, state, request):  # noqa: ANN001, ANN202
-        masking = wire.Masking.from_payload(wire.payload_of(msg.content, wire.MASKING))
+        masking_payload = wire.payload_of(msg.content, wire.MASKING)
+        masking = wire.Masking.from_payload(masking_payload)
         plain = wire.without_stages(msg.content)
-        digest = wire.content_digest(plain, dict(context.run_config))
+        digest = wire.content_digest(plain, dict(context.run_config), masking_payload)
         global_arrays = plain.array_records[masking.arrays_key]
         msg.content = plain  # the app sees the message a plain FedAvg would send it
         reply = call_next(msg, context)

@@ -50,13 +50,20 @@ _PAIR = b"pair-mask|"
 
 
 def client_advertise(state: ClientState, request: dict, identity: Identity | None = None) -> dict:
-    """Return this node's long-term key (made once per Flower run), signed with ``identity``."""
+    """Return this node's sealing key for the protocol run, signed with ``identity``.
+
+    A new protocol run (nonce) gets a new sealing key, and a nonce seen before is
+    refused: packages sealed in an old run can never be opened again, so an old run
+    cannot be replayed to make holders reveal a second secret of one owner.
+    """
     nonce = _parse(AdvertiseRequest, request).nonce
     if nonce != state.nonce:
-        # A new protocol run: no round of an old one can be finished any more. Groups,
-        # signing keys and the long-term key stay: they belong to the Flower run.
+        if nonce in state.old_nonces:
+            raise RefusedError(Refusal.REPLAY, "this protocol run ended: its nonce is not reused")
+        # Groups and signing keys stay: they belong to the Flower run.
+        if state.nonce:
+            state.old_nonces.append(state.nonce)
         state.nonce, state.rounds, state.last_prepared = nonce, {}, 0
-    if not state.lt_key:
         state.lt_key = keys.generate_private_key()
     public = keys.public_key(state.lt_key)
     if identity is None:
@@ -197,10 +204,19 @@ def client_mask(
             f"{len(live)} neighbours prepared, fewer than the threshold {secrets.threshold}",
         )
     if list(req.from_) != live or not (
-        len(req.packages) == len(req.commit_sk) == len(req.commit_b) == len(live)
+        len(req.packages)
+        == len(req.commit_sk)
+        == len(req.commit_b)
+        == len(req.mask_keys)
+        == len(live)
     ):
         raise RefusedError(Refusal.BAD_REQUEST, "share packages are not those of the neighbours")
-    for owner, blob, c_sk, c_b in zip(live, req.packages, req.commit_sk, req.commit_b, strict=True):
+    # Everything is checked before any state changes: a bad package refuses the round
+    # cleanly (naming its owner), and the server may ask again without it.
+    mask_keys, held, pairs = {}, {}, {}
+    for owner, blob, c_sk, c_b, committed in zip(
+        live, req.packages, req.commit_sk, req.commit_b, req.mask_keys, strict=True
+    ):
         key = seal_key(state.lt_key, state.node_id, secrets.lt_keys[owner], owner, nonce)
         try:
             plain = keys.open_sealed(key, blob, package_ad(nonce, rnd, owner, state.node_id))
@@ -215,9 +231,19 @@ def client_mask(
             raise RefusedError(
                 Refusal.BAD_SHARE, f"node {owner}'s shares do not match their commitments"
             )
-        secrets.mask_keys[owner] = mask_public
-        secrets.held[owner] = [sk_share, b_share]
-    secrets.prepared = prepared
+        # The key the owner committed to the server: the one its key shares rebuild.
+        if mask_public != committed:
+            raise RefusedError(
+                Refusal.BAD_SHARE, f"node {owner} gave holders another round key than the server"
+            )
+        try:
+            pairs[owner] = pair_keys(
+                secrets.mask_key, state.node_id, mask_public, owner, nonce, rnd
+            )
+        except ValueError:
+            raise RefusedError(Refusal.BAD_SHARE, f"node {owner}'s round key is invalid") from None
+        mask_keys[owner], held[owner] = mask_public, [sk_share, b_share]
+    secrets.mask_keys, secrets.held, secrets.prepared = mask_keys, held, prepared
     secrets.view = view_digest(nonce, secrets, content_digest)
 
     encoded = encoder.encode(update, weight)
@@ -227,7 +253,7 @@ def client_mask(
     vector += expand_mask(secrets.self_seed, _SELF + canonical.encode([nonce, rnd]), vector.size)
     tags = []
     for peer in live:
-        pair = pair_keys(secrets.mask_key, state.node_id, secrets.mask_keys[peer], peer, nonce, rnd)
+        pair = pairs[peer]
         mask = expand_mask(pair.mask_seed(secrets.view), _PAIR, vector.size)
         if _sign(state.node_id, peer) > 0:
             vector += mask
@@ -251,7 +277,7 @@ def client_sign(state: ClientState, request: dict, identity: Identity) -> dict:
     secrets, survivors, dropped = _checked_lists(state, req)
     if secrets.signed:
         raise RefusedError(Refusal.REPLAY, f"round {secrets.round}'s view was already signed")
-    secrets.signed = round_view(state.nonce, secrets, survivors, dropped)
+    secrets.signed = round_view(state.nonce, secrets, survivors, dropped, list(req.excluded))
     signature = signing.sign(identity.signing_key, secrets.signed)
     return SignReply(round=secrets.round, signature=signature).to_dict()
 

@@ -27,7 +27,7 @@ def check_signatures(
     max_colluders: int,
 ) -> None:
     """Raise :class:`RefusedError` unless enough holders of every owner signed our view."""
-    expected = round_view(state.nonce, secrets, survivors, dropped)
+    expected = round_view(state.nonce, secrets, survivors, dropped, list(req.excluded))
     if not secrets.signed:
         raise RefusedError(Refusal.UNSIGNED, "this node signed no view of the round")
     if secrets.signed != expected:

@@ -141,6 +141,7 @@ class TrainRequest(Request):
     packages: list[bytes] = field(default_factory=list)
     commit_sk: list[bytes] = field(default_factory=list)
     commit_b: list[bytes] = field(default_factory=list)
+    mask_keys: list[bytes] = field(default_factory=list)  # the owners' committed round keys
 
 
 @dataclass(frozen=True)

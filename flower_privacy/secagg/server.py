@@ -236,13 +236,14 @@ class SecAggServer:
         requests = {}
         for holder in state.prepared:
             owners = [u for u in state.neighbours[holder] if u in prepared]
-            packages, commit_sk, commit_b = [], [], []
+            packages, commit_sk, commit_b, mask_keys = [], [], [], []
             for owner in owners:
                 reply = state.prepares[owner]
                 index = state.neighbours[owner].index(holder)
                 packages.append(reply.packages[index])
                 commit_sk.append(reply.commit_sk[index])
                 commit_b.append(reply.commit_b[index])
+                mask_keys.append(reply.mask_key)
             requests[holder] = TrainRequest(
                 protocol=PROTOCOL,
                 nonce=self.nonce,
@@ -252,6 +253,7 @@ class SecAggServer:
                 packages=packages,
                 commit_sk=commit_sk,
                 commit_b=commit_b,
+                mask_keys=mask_keys,
             ).to_dict()
         return requests
 

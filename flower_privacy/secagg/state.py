@@ -66,8 +66,9 @@ class ClientState:
     """Everything a node keeps (one Flower run: a new ``context.state`` starts afresh)."""
 
     node_id: int
-    lt_key: bytes = b""  # long-term X25519 key: seals and authenticates, never shared
+    lt_key: bytes = b""  # this protocol run's X25519 key: seals and authenticates, never shared
     nonce: bytes = b""  # the protocol run the server advertised
+    old_nonces: list[bytes] = field(default_factory=list)  # ended runs: never again
     rounds: dict[int, RoundSecrets] = field(default_factory=dict)
     last_prepared: int = 0
     group_seed: bytes = b""  # groups are fixed for the whole Flower run
@@ -88,6 +89,7 @@ class ClientState:
             node_id=int(data["node_id"]),
             lt_key=bytes.fromhex(data["lt_key"]),
             nonce=bytes.fromhex(data["nonce"]),
+            old_nonces=[bytes.fromhex(n) for n in data["old_nonces"]],
             rounds={int(r): _round_from_json(s) for r, s in data["rounds"].items()},
             last_prepared=int(data["last_prepared"]),
             group_seed=bytes.fromhex(data["group_seed"]),

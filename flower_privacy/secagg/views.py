@@ -85,13 +85,19 @@ def view_digest(nonce: bytes, secrets: RoundSecrets, content_digest: bytes) -> b
             secrets.graph_seed,
             secrets.cohort,
             secrets.prepared,
+            secrets.groups,  # one partition for all: the So et al. argument needs it
             content_digest,
         ],
     )
 
 
 def round_view(
-    nonce: bytes, secrets: RoundSecrets, survivors: list[int], dropped: list[int]
+    nonce: bytes,
+    secrets: RoundSecrets,
+    survivors: list[int],
+    dropped: list[int],
+    excluded: list[int],
 ) -> bytes:
     """What survivors sign in the consistency check: the view plus the unmask lists."""
-    return canonical.encode(["round-view", PROTOCOL, nonce, secrets.view, survivors, dropped])
+    lists = [survivors, dropped, excluded]
+    return canonical.encode(["round-view", PROTOCOL, nonce, secrets.view, *lists])

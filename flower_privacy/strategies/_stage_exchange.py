@@ -16,6 +16,7 @@ from flwr.serverapp import Grid
 
 from flower_privacy import _secagg_wire as wire
 from flower_privacy.errors import RoundFailedError
+from flower_privacy.secagg.protocol import Refusal
 
 
 @dataclass(frozen=True)
@@ -105,12 +106,13 @@ class StageExchange:
         return out
 
     def over_limit(self) -> bool:
-        return len(self.refusals) > self.max_refusals
+        """More distinct nodes refused than tolerated (one node alone cannot stop a run)."""
+        return len({e.node for e in self.refusals}) > self.max_refusals
 
     def limit_reason(self) -> str:
         nodes = sorted({e.node for e in self.refusals})
         return (
-            f"{len(self.refusals)} secure aggregation refusals (max_refusals="
+            f"{len(nodes)} nodes refused secure aggregation requests (max_refusals="
             f"{self.max_refusals}) by nodes {nodes}; last: {self.refusals[-1].code} "
             f"({self.refusals[-1].detail})"
         )
@@ -124,6 +126,15 @@ class StageExchange:
         refusal = wire.refusal_of(payload)
         if refusal is None:
             return payload
+        if refusal[0] not in Refusal.CODES:  # not what an honest node says: a bad reply
+            log(
+                WARNING,
+                "round %d: node %s sent an unknown refusal %r",
+                server_round,
+                node,
+                refusal[0],
+            )
+            return None
         self.refusals.append(RefusalEvent(server_round, node, stage, *refusal))
         log(
             ERROR,

@@ -94,8 +94,8 @@ class SecureAggregation(StrictRounds):
     selection_seed : int | None
         Reproducible groups and selection, for experiments; refused with ``"poisson"``.
     max_refusals : int
-        Structured refusals by honest-looking nodes (each a security event, logged with
-        the node id) the run tolerates before it stops.
+        How many distinct nodes may refuse a request (each refusal a security event,
+        logged with the node id) before the run stops; one node alone never stops it.
     """
 
     def __init__(
@@ -136,8 +136,10 @@ class SecureAggregation(StrictRounds):
                 f"uniform_denominator needs weighting='uniform' and a value > 0, got "
                 f"{uniform_denominator!r} with weighting={weighting!r}"
             )
-        if max_refusals < 0:
-            raise ValueError(f"max_refusals must be >= 0, got {max_refusals}")
+        if max_refusals < 1:
+            raise ValueError(
+                f"max_refusals must be >= 1 (one node alone never stops a run), got {max_refusals}"
+            )
         self.quantizer = Quantizer(
             clip_range=clip_range, max_weight=max_weight, max_clients=max_clients
         )
@@ -450,8 +452,12 @@ class SecureAggregation(StrictRounds):
                 server_round,
                 result.bad_holders,
             )
-        if result.weight < 1:
-            raise RoundFailedError(server_round, "the survivors' total weight is zero")
+        if not 1 <= result.weight <= self.quantizer.max_weight * len(result.survivors):
+            raise RoundFailedError(
+                server_round,
+                f"the unmasked total weight {result.weight} is impossible for "
+                f"{len(result.survivors)} survivors (a client cheated, or masks did not cancel)",
+            )
         if self.weighting == "uniform" and result.weight != len(result.survivors):
             raise RoundFailedError(
                 server_round,
