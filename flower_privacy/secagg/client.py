@@ -12,23 +12,11 @@ from typing import TypeVar
 import numpy as np
 
 from flower_privacy.secagg import canonical, graph, groups, keys, shamir, signing
+from flower_privacy.secagg import messages as m
 from flower_privacy.secagg._common import Refusal, RefusedError, UnmaskRule
 from flower_privacy.secagg._common import mask_sign as _sign
 from flower_privacy.secagg.consistency import check_signatures
 from flower_privacy.secagg.floors import ClientFloors
-from flower_privacy.secagg.messages import (
-    AdvertiseReply,
-    AdvertiseRequest,
-    MessageError,
-    PrepareReply,
-    PrepareRequest,
-    SignReply,
-    TrainRequest,
-    UnmaskReply,
-    UnmaskRequest,
-    Upload,
-    VersionError,
-)
 from flower_privacy.secagg.prg import expand_mask
 from flower_privacy.secagg.quantize import Encoder
 from flower_privacy.secagg.state import ClientState, Identity, RoundSecrets
@@ -56,7 +44,7 @@ def client_advertise(state: ClientState, request: dict, identity: Identity | Non
     refused: packages sealed in an old run can never be opened again, so an old run
     cannot be replayed to make holders reveal a second secret of one owner.
     """
-    nonce = _parse(AdvertiseRequest, request).nonce
+    nonce = _parse(m.AdvertiseRequest, request).nonce
     if nonce != state.nonce:
         if nonce in state.old_nonces:
             raise RefusedError(Refusal.REPLAY, "this protocol run ended: its nonce is not reused")
@@ -67,8 +55,8 @@ def client_advertise(state: ClientState, request: dict, identity: Identity | Non
         state.lt_key = keys.generate_private_key()
     public = keys.public_key(state.lt_key)
     if identity is None:
-        return AdvertiseReply(lt_key=public).to_dict()
-    return AdvertiseReply(
+        return m.AdvertiseReply(lt_key=public).to_dict()
+    return m.AdvertiseReply(
         lt_key=public,
         signing_key=signing.signing_public_key(identity.signing_key),
         key_signature=signing.sign(
@@ -84,7 +72,7 @@ def client_prepare(
     identity: Identity | None = None,
 ) -> dict:
     """Make this round's secrets and share them, sealed, among the round neighbours."""
-    req = _parse(PrepareRequest, request)
+    req = _parse(m.PrepareRequest, request)
     rnd, nonce = _check_run(state, req)
     if rnd <= state.last_prepared:
         raise RefusedError(Refusal.REPLAY, f"round {rnd} is not after round {state.last_prepared}")
@@ -146,7 +134,7 @@ def client_prepare(
     )
     state.last_prepared = rnd
     state.participated = True
-    return PrepareReply(
+    return m.PrepareReply(
         round=rnd,
         mask_key=mask_public,
         seed_commitment=self_seed_commitment(nonce, rnd, state.node_id, self_seed),
@@ -172,7 +160,7 @@ def client_mask(
     and the node's run config: it enters every pairwise mask and the view tags. A node
     with a noise floor refuses an encoder whose promised noise is below it.
     """
-    req = _parse(TrainRequest, request)
+    req = _parse(m.TrainRequest, request)
     rnd, nonce = _check_run(state, req)
     secrets = _round(state, rnd)
     if secrets.uploaded or secrets.prepared:
@@ -261,7 +249,7 @@ def client_mask(
             vector -= mask  # uint32 arithmetic wraps modulo 2^32
         tags.append(keys.mac(pair.mac_key, tag_message(state.node_id, peer, secrets.view)))
     secrets.uploaded = True
-    upload = Upload(
+    upload = m.Upload(
         round=rnd,
         masked=vector.astype("<u4", copy=False).tobytes(),
         view=secrets.view,
@@ -273,13 +261,13 @@ def client_mask(
 
 def client_sign(state: ClientState, request: dict, identity: Identity) -> dict:
     """Consistency check: sign the one round view this node was shown, once per round."""
-    req = _parse(UnmaskRequest, request)
+    req = _parse(m.UnmaskRequest, request)
     secrets, survivors, dropped = _checked_lists(state, req)
     if secrets.signed:
         raise RefusedError(Refusal.REPLAY, f"round {secrets.round}'s view was already signed")
     secrets.signed = round_view(state.nonce, secrets, survivors, dropped, list(req.excluded))
     signature = signing.sign(identity.signing_key, secrets.signed)
-    return SignReply(round=secrets.round, signature=signature).to_dict()
+    return m.SignReply(round=secrets.round, signature=signature).to_dict()
 
 
 def client_unmask(
@@ -290,7 +278,7 @@ def client_unmask(
     max_colluders: int = 0,
 ) -> dict:
     """Check the server's request; reveal one share per neighbour and never both secrets."""
-    req = _parse(UnmaskRequest, request)
+    req = _parse(m.UnmaskRequest, request)
     secrets, survivors, dropped = _checked_lists(state, req)
     if rule is not None and (why := rule(survivors, dropped, secrets.prepared)) is not None:
         raise RefusedError(Refusal.GROUPS, f"unmask rule: {why}")
@@ -317,7 +305,7 @@ def client_unmask(
     alive = set(survivors)
     b_of = [owner for owner in sorted(secrets.held) if owner in alive]
     sk_of = [owner for owner in sorted(secrets.held) if owner not in alive]
-    reply = UnmaskReply(
+    reply = m.UnmaskReply(
         round=secrets.round,
         b_of=b_of,
         b_shares=[secrets.held[owner][1] for owner in b_of],
@@ -333,7 +321,7 @@ def client_unmask(
 
 
 def _checked_lists(
-    state: ClientState, req: UnmaskRequest
+    state: ClientState, req: m.UnmaskRequest
 ) -> tuple[RoundSecrets, list[int], list[int]]:
     """The survivor and dropped lists of a request, after every check a node makes.
 
@@ -374,7 +362,7 @@ def _checked_lists(
 
 
 def _checked_groups(
-    state: ClientState, req: PrepareRequest, cohort: list[int], floors: ClientFloors
+    state: ClientState, req: m.PrepareRequest, cohort: list[int], floors: ClientFloors
 ) -> list[list[int]]:
     """The round's groups, recomputed from the run's seed; the cohort must be whole groups."""
     if not req.group_size:
@@ -409,7 +397,7 @@ def _checked_groups(
 
 def _check_signed_keys(
     state: ClientState,
-    req: PrepareRequest,
+    req: m.PrepareRequest,
     peers: list[int],
     lt_keys: dict[int, bytes],
     identity: Identity,
@@ -433,14 +421,14 @@ def _parse(cls: type[M], request: dict) -> M:
     """``request`` as the typed message ``cls``, or a refusal naming what is wrong."""
     try:
         return cls.parse(request)  # type: ignore[return-value]
-    except VersionError as err:
+    except m.VersionError as err:
         raise RefusedError(Refusal.VERSION, str(err)) from None
-    except MessageError as err:
+    except m.MessageError as err:
         raise RefusedError(Refusal.BAD_REQUEST, str(err)) from None
 
 
 def _check_run(
-    state: ClientState, req: PrepareRequest | TrainRequest | UnmaskRequest
+    state: ClientState, req: m.PrepareRequest | m.TrainRequest | m.UnmaskRequest
 ) -> tuple[int, bytes]:
     if req.nonce != state.nonce or not state.lt_key:
         raise RefusedError(Refusal.REPLAY, "the request belongs to another protocol run")

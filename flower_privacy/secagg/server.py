@@ -8,21 +8,10 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from flower_privacy.secagg import canonical, graph, keys, shamir, signing
+from flower_privacy.secagg import messages as m
 from flower_privacy.secagg._common import EXTRA_SLOTS, PROTOCOL, ProtocolError
 from flower_privacy.secagg._common import mask_sign as _sign
 from flower_privacy.secagg.floors import required_threshold
-from flower_privacy.secagg.messages import (
-    AdvertiseReply,
-    AdvertiseRequest,
-    MessageError,
-    PrepareReply,
-    PrepareRequest,
-    SignReply,
-    TrainRequest,
-    UnmaskReply,
-    UnmaskRequest,
-    Upload,
-)
 from flower_privacy.secagg.prg import expand_mask
 from flower_privacy.secagg.views import (
     advertise_message,
@@ -55,10 +44,10 @@ class _Round:
     threshold: int
     seed: bytes
     neighbours: dict[int, list[int]]
-    prepares: dict[int, PrepareReply] = field(default_factory=dict)
+    prepares: dict[int, m.PrepareReply] = field(default_factory=dict)
     prepared: list[int] = field(default_factory=list)
-    uploads: dict[int, Upload] = field(default_factory=dict)
-    excluded: dict[int, Upload] = field(default_factory=dict)  # uploaded, left out of the sum
+    uploads: dict[int, m.Upload] = field(default_factory=dict)
+    excluded: dict[int, m.Upload] = field(default_factory=dict)  # uploaded, left out of the sum
     signatures: dict[int, bytes] = field(default_factory=dict)
 
 
@@ -105,12 +94,12 @@ class SecAggServer:
         return sorted(n for n in nodes if n not in self.lt_keys)
 
     def advertise_request(self) -> dict:
-        return AdvertiseRequest(protocol=PROTOCOL, nonce=self.nonce).to_dict()
+        return m.AdvertiseRequest(protocol=PROTOCOL, nonce=self.nonce).to_dict()
 
     def accept_advertisement(self, node: int, reply: dict) -> None:
         try:
-            parsed = AdvertiseReply.parse(reply)
-        except MessageError as err:
+            parsed = m.AdvertiseReply.parse(reply)
+        except m.MessageError as err:
             raise ProtocolError(f"node {node}: {err}") from None
         key = parsed.lt_key
         if len(key) != keys.PUBLIC_KEY_BYTES:
@@ -166,10 +155,8 @@ class SecAggServer:
                     "signing_keys": [self._signing[v][0] for v in peers],
                     "signatures": [self._signing[v][1] for v in peers],
                 }
-            request = PrepareRequest(
-                protocol=PROTOCOL,
-                nonce=self.nonce,
-                round=rnd,
+            request = m.PrepareRequest(
+                **self._head(rnd),
                 cohort=cohort,
                 degree=degree,
                 threshold=t,
@@ -181,6 +168,10 @@ class SecAggServer:
             ).to_dict()
             requests[node] = request
         return requests
+
+    def _head(self, rnd: int) -> dict:
+        """The fields every round request starts with."""
+        return {"protocol": PROTOCOL, "nonce": self.nonce, "round": rnd}
 
     def has_round(self, rnd: int) -> bool:
         return rnd in self._rounds
@@ -195,8 +186,8 @@ class SecAggServer:
         if peers is None:
             return "not in the round's cohort"
         try:
-            parsed = PrepareReply.parse(reply)
-        except MessageError as err:
+            parsed = m.PrepareReply.parse(reply)
+        except m.MessageError as err:
             return str(err)
         if parsed.round != rnd:
             return f"prepare reply for round {parsed.round}, expected {rnd}"
@@ -244,10 +235,8 @@ class SecAggServer:
                 commit_sk.append(reply.commit_sk[index])
                 commit_b.append(reply.commit_b[index])
                 mask_keys.append(reply.mask_key)
-            requests[holder] = TrainRequest(
-                protocol=PROTOCOL,
-                nonce=self.nonce,
-                round=rnd,
+            requests[holder] = m.TrainRequest(
+                **self._head(rnd),
                 prepared=state.prepared,
                 from_=owners,
                 packages=packages,
@@ -266,8 +255,8 @@ class SecAggServer:
         if node not in state.prepared:
             return "not in the round's prepared cohort"
         try:
-            upload = Upload.parse(reply)
-        except MessageError as err:
+            upload = m.Upload.parse(reply)
+        except m.MessageError as err:
             return str(err)
         if upload.round != rnd:
             return f"upload for round {upload.round}, expected {rnd}"
@@ -312,13 +301,8 @@ class SecAggServer:
     def consistency_requests(self, rnd: int) -> dict[int, dict]:
         survivors, dropped, excluded = self._lists(rnd)
         self._rounds[rnd].signatures = {}
-        request = UnmaskRequest(
-            protocol=PROTOCOL,
-            nonce=self.nonce,
-            round=rnd,
-            survivors=survivors,
-            dropped=dropped,
-            excluded=excluded,
+        request = m.UnmaskRequest(
+            **self._head(rnd), survivors=survivors, dropped=dropped, excluded=excluded
         ).to_dict()
         return {node: request for node in self._holders(rnd)}
 
@@ -327,8 +311,8 @@ class SecAggServer:
         state = self._rounds[rnd]
         for node, reply in replies.items():
             try:
-                signed = SignReply.parse(reply)
-            except MessageError:
+                signed = m.SignReply.parse(reply)
+            except m.MessageError:
                 continue
             if node in self._holders(rnd) and signed.round == rnd and len(signed.signature) == 64:
                 state.signatures[node] = signed.signature
@@ -359,10 +343,8 @@ class SecAggServer:
                     "signer_lt_keys": [self.lt_keys[n] for n in signed],
                     "signer_bindings": [self._signing[n][1] for n in signed],
                 }
-            requests[holder] = UnmaskRequest(
-                protocol=PROTOCOL,
-                nonce=self.nonce,
-                round=rnd,
+            requests[holder] = m.UnmaskRequest(
+                **self._head(rnd),
                 survivors=survivors,
                 dropped=dropped,
                 excluded=excluded,
@@ -383,8 +365,8 @@ class SecAggServer:
         bad: set[int] = set()
         for holder, raw in replies.items():
             try:
-                reply = UnmaskReply.parse(raw)
-            except MessageError:
+                reply = m.UnmaskReply.parse(raw)
+            except m.MessageError:
                 bad.add(holder)
                 continue
             if holder not in holders or reply.round != rnd:
