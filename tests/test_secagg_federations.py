@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+from flwr.app import Array, ArrayRecord, Context, Message, MetricRecord, RecordDict
+from flwr.clientapp import ClientApp
 from flwr.serverapp.strategy import FedAvg
 from test_secure_aggregation import SHAPES, _updates_app, _zeros
 
@@ -75,3 +77,43 @@ def strategy_history(
             payload = wire.payload_of(entry.message.content, wire.UNMASK)
             seen[int(payload["round"])] = [int(n) for n in payload["survivors"]]
     return [seen[r] for r in range(1, rounds + 1)]
+
+
+def test_a_cohort_of_1000_sums_within_the_stated_error() -> None:
+    n, dim = 1000, 16
+    app = ClientApp(mods=[secagg_mod])
+
+    @app.train()
+    def train(msg: Message, context: Context) -> Message:
+        rng = np.random.default_rng(context.node_id)
+        arrays = msg.content["arrays"]
+        update = rng.uniform(-1, 1, dim).astype(np.float32)
+        return Message(
+            RecordDict(
+                {
+                    "arrays": ArrayRecord({"w": Array(arrays["w"].numpy() + update)}),
+                    "metrics": MetricRecord({"num-examples": int(rng.integers(1, 100))}),
+                }
+            ),
+            reply_to=msg,
+        )
+
+    grid = InProcessGrid(app, num_nodes=n, serialize=False)
+    inner = FedAvg(min_available_nodes=n, min_train_nodes=n, fraction_evaluate=0.0)
+    strategy = SecureAggregation(inner, max_weight=100, max_clients=n)
+    result = strategy.start(
+        grid, ArrayRecord({"w": Array(np.zeros(dim, np.float32))}), num_rounds=1
+    )
+    updates, weights = [], []
+    for node in grid.contexts:
+        rng = np.random.default_rng(node)
+        updates.append(rng.uniform(-1, 1, dim).astype(np.float32).astype(np.float64))
+        weights.append(int(rng.integers(1, 100)))
+    expected = np.average(updates, axis=0, weights=weights)
+    # Each client's weighted update is rounded by less than one step of the quantiser: the
+    # mean is off by less than n steps over the total weight (the card's bound), plus
+    # float32 storage of the result.
+    bound = n * strategy.quantizer.resolution / sum(weights) + 1e-6
+    error = np.abs(result.arrays["w"].numpy() - expected).max()
+    assert result.train_metrics_clientapp[1]["secagg-clients"] == n
+    assert error <= bound, (error, bound)

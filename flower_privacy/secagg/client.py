@@ -85,7 +85,7 @@ def client_prepare(
         )
     degree, t, seed = req.degree, req.threshold, req.graph_seed
     try:
-        peers = graph.neighbours(cohort, degree, seed)[state.node_id]
+        peers = graph.Ring(cohort, degree, seed).neighbours_of(state.node_id)
     except ValueError as err:
         raise RefusedError(Refusal.BAD_REQUEST, str(err)) from None
     if len(peers) < floors.min_degree:

@@ -54,9 +54,9 @@ def check_signatures(
         if signing.verify(key, signature, expected):
             valid.add(node)
             state.signers[node] = key
-    holder_sets = graph.neighbours(secrets.cohort, secrets.degree, secrets.graph_seed)
+    ring = graph.Ring(secrets.cohort, secrets.degree, secrets.graph_seed)
     for owner in secrets.held:
-        holders = holder_sets[owner]
+        holders = ring.neighbours_of(owner)
         needed = required_threshold(len(holders), max_colluders)
         have = len(valid.intersection(holders))
         if have < needed:

@@ -7,7 +7,7 @@ for its neighbours) live only until the round is unmasked; a node's state is O(d
 from __future__ import annotations
 
 import json
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 
 from flower_privacy.secagg import signing
 
@@ -78,9 +78,10 @@ class ClientState:
     participated: bool = False  # took part in secure aggregation in this Flower run
 
     def to_bytes(self) -> bytes:
-        data = asdict(self)
+        # Shallow copies: dataclasses.asdict would deep-copy every id list (O(n) per call).
+        data = {k: _hexify(v) for k, v in vars(self).items() if k != "rounds"}
         data["rounds"] = {str(r): _round_to_json(s) for r, s in self.rounds.items()}
-        return json.dumps(_hexify(data), sort_keys=True).encode()
+        return json.dumps(data).encode()
 
     @classmethod
     def from_bytes(cls, raw: bytes) -> ClientState:
@@ -104,7 +105,7 @@ _BYTES_FIELDS = ("graph_seed", "mask_key", "self_seed", "view", "signed")
 
 
 def _round_to_json(secrets: RoundSecrets) -> dict:
-    data = asdict(secrets)
+    data = dict(vars(secrets))
     for name in _BYTES_FIELDS:
         data[name] = data[name].hex()
     data["lt_keys"] = {str(k): v.hex() for k, v in secrets.lt_keys.items()}

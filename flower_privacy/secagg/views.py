@@ -9,6 +9,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
+import numpy as np
+
 from flower_privacy.secagg import canonical, keys
 from flower_privacy.secagg._common import PROTOCOL
 from flower_privacy.secagg.prg import derive_key
@@ -83,9 +85,10 @@ def view_digest(nonce: bytes, secrets: RoundSecrets, content_digest: bytes) -> b
             secrets.degree,
             secrets.threshold,
             secrets.graph_seed,
-            secrets.cohort,
-            secrets.prepared,
-            secrets.groups,  # one partition for all: the So et al. argument needs it
+            _ids(secrets.cohort),
+            _ids(secrets.prepared),
+            # One partition for all: the So et al. argument needs it.
+            [_ids(group) for group in secrets.groups],
             content_digest,
         ],
     )
@@ -99,5 +102,10 @@ def round_view(
     excluded: list[int],
 ) -> bytes:
     """What survivors sign in the consistency check: the view plus the unmask lists."""
-    lists = [survivors, dropped, excluded]
+    lists = [_ids(survivors), _ids(dropped), _ids(excluded)]
     return canonical.encode(["round-view", PROTOCOL, nonce, secrets.view, *lists])
+
+
+def _ids(nodes: list[int]) -> np.ndarray:
+    """Node ids (unsigned 64-bit) as one array: canonical, and one item to encode."""
+    return np.asarray(nodes, dtype="<u8")
