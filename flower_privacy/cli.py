@@ -297,16 +297,32 @@ def bench_secagg(
     as_json: Annotated[bool, typer.Option("--json", help="Print one JSON object.")] = False,
     quick: Annotated[bool, typer.Option(help="Small cases that fit in about a minute.")] = False,
     deployment: Annotated[bool, typer.Option(help="Also time a real SuperLink deployment.")] = True,
+    scaling: Annotated[
+        bool, typer.Option(help="Add the protocol alone at 100, 1,000 and 10,000 clients.")
+    ] = False,
+    scaling_sizes: Annotated[
+        str, typer.Option(help="Client counts for --scaling, comma-separated.")
+    ] = "100,1000,10000",
 ) -> None:
     """Secure aggregation against FedAvg and Flower's SecAgg+, same process, same data."""
     import json
 
+    from flower_privacy.bench import scaling as scaling_bench
     from flower_privacy.bench import secagg
 
     def progress(line: str) -> None:
         typer.echo(line, err=True)
 
+    with _user_errors(ValueError):
+        try:
+            sizes = tuple(int(x) for x in scaling_sizes.split(",") if x.strip())
+        except ValueError:
+            raise ValueError(
+                f"--scaling-sizes must be comma-separated integers, got {scaling_sizes!r}"
+            ) from None
     result = secagg.run(quick=quick, with_deployment=deployment, log=progress)
+    if scaling:
+        result["scaling"] = scaling_bench.run(sizes=sizes, log=progress)
     if as_json:
         typer.echo(json.dumps(result))
         return

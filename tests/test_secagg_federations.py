@@ -117,3 +117,15 @@ def test_a_cohort_of_1000_sums_within_the_stated_error() -> None:
     error = np.abs(result.arrays["w"].numpy() - expected).max()
     assert result.train_metrics_clientapp[1]["secagg-clients"] == n
     assert error <= bound, (error, bound)
+
+
+def test_the_scaling_bench_runs_both_floors_and_checks_its_mean() -> None:
+    from flower_privacy.bench import scaling
+
+    rows = scaling.run(sizes=(30,), params=1000, log=lambda line: None)
+    assert [r["floors"] for r in rows] == ["hbc", "malicious"]
+    hbc, malicious = rows
+    assert malicious["degree"] >= hbc["degree"] and malicious["threshold"] > hbc["threshold"]
+    for row in rows:
+        assert row["bytes_per_param"] == pytest.approx(4.0, abs=0.01)
+        assert row["server_s"] > 0 and row["client_s"] > 0 and row["setup_bytes_per_node"] > 0
