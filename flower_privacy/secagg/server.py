@@ -46,6 +46,7 @@ class _Round:
     neighbours: dict[int, list[int]]
     prepares: dict[int, m.PrepareReply] = field(default_factory=dict)
     prepared: list[int] = field(default_factory=list)
+    prepared_set: set[int] = field(default_factory=set)
     uploads: dict[int, m.Upload] = field(default_factory=dict)
     excluded: dict[int, m.Upload] = field(default_factory=dict)  # uploaded, left out of the sum
     signatures: dict[int, bytes] = field(default_factory=dict)
@@ -223,7 +224,7 @@ class SecAggServer:
             if not thin:
                 break
             prepared -= thin
-        state.prepared = sorted(prepared)
+        state.prepared, state.prepared_set = sorted(prepared), prepared
         requests = {}
         for holder in state.prepared:
             owners = [u for u in state.neighbours[holder] if u in prepared]
@@ -262,7 +263,7 @@ class SecAggServer:
             return f"upload for round {upload.round}, expected {rnd}"
         if len(upload.masked) != 4 * (length + EXTRA_SLOTS):
             return f"masked vector is not {4 * (length + EXTRA_SLOTS)} bytes"
-        live = [v for v in state.neighbours[node] if v in set(state.prepared)]
+        live = [v for v in state.neighbours[node] if v in state.prepared_set]
         if list(upload.tags_to) != live or not (
             len(upload.tags) == len(live) and all(len(t) == _DIGEST for t in upload.tags)
         ):
@@ -309,12 +310,13 @@ class SecAggServer:
     def accept_consistency(self, rnd: int, replies: dict[int, dict]) -> None:
         """Keep the signatures (the clients verify them; the server cannot forge any)."""
         state = self._rounds[rnd]
+        holders = set(self._holders(rnd))
         for node, reply in replies.items():
             try:
                 signed = m.SignReply.parse(reply)
             except m.MessageError:
                 continue
-            if node in self._holders(rnd) and signed.round == rnd and len(signed.signature) == 64:
+            if node in holders and signed.round == rnd and len(signed.signature) == 64:
                 state.signatures[node] = signed.signature
 
     def unmask_requests(self, rnd: int) -> dict[int, dict]:
