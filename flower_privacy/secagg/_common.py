@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import struct
 from collections.abc import Callable
 
 PROTOCOL = "flower-privacy-secagg/2"
@@ -59,8 +58,3 @@ UnmaskRule = Callable[[list[int], list[int], list[int]], "str | None"]
 def mask_sign(own: int, peer: int) -> int:
     """+1 if ``own`` adds the pairwise mask it shares with ``peer``, -1 if it subtracts it."""
     return 1 if own < peer else -1
-
-
-def pack_ids(*parts: int) -> bytes:
-    """Counters and node ids (unsigned 64-bit) as bytes, for key derivation contexts."""
-    return b"".join(struct.pack("<Q", p) for p in parts)

@@ -247,9 +247,6 @@ class SecAggServer:
             ).to_dict()
         return requests
 
-    def prepared(self, rnd: int) -> list[int]:
-        return list(self._rounds[rnd].prepared)
-
     def accept_upload(self, rnd: int, node: int, reply: dict, length: int) -> str | None:
         """Keep a masked upload; return why it is unusable, or None."""
         state = self._rounds[rnd]

@@ -1,23 +1,19 @@
 """Client signing keys (Ed25519) for the consistency option.
 
 A roster is the set of signing public keys the clients trust, provisioned offline
-(``flower-privacy keys signing``). A node signs its advertised X25519 key and, in the
-consistency stage, the survivor list it was shown; honest nodes accept keys and lists
-only under signatures from roster keys, so a server can neither substitute keys nor
-show different clients different lists without being caught.
+(``flower-privacy keys signing``). What a node signs is defined in
+:mod:`flower_privacy.secagg.views` (its sealing key, and the round view in the
+consistency stage); this module holds the keys and the Ed25519 operations only.
 """
 
 from __future__ import annotations
 
-import struct
 from pathlib import Path
 
 from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 
 SIGNING_KEY_BYTES = 32
-_ADVERTISE = b"flower-privacy/secagg/advertise/v1|"
-_CONSISTENCY = b"flower-privacy/secagg/consistency/v1|"
 
 
 def generate_signing_key() -> bytes:
@@ -43,18 +39,6 @@ def verify(public_key: bytes, signature: bytes, message: bytes) -> bool:
     except (InvalidSignature, ValueError):
         return False
     return True
-
-
-def advertise_message(run: bytes, node_id: int, epoch: int, public_key: bytes) -> bytes:
-    """What a node signs when it advertises its X25519 key."""
-    return _ADVERTISE + run + struct.pack("<QQ", node_id, epoch) + public_key
-
-
-def consistency_message(run: bytes, rnd: int, survivors: list[int], dropped: list[int]) -> bytes:
-    """What a node signs in the consistency stage: the lists it was shown."""
-    body = struct.pack("<QQQ", rnd, len(survivors), len(dropped))
-    body += b"".join(struct.pack("<Q", n) for n in [*survivors, *dropped])
-    return _CONSISTENCY + run + body
 
 
 def write_private_key(path: Path, private_key: bytes) -> None:
