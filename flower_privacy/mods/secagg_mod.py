@@ -112,7 +112,7 @@ class SecAggMod:
                 state, request, self.unmask_rule, identity, floors.max_colluders
             )
         if stage == wire.TRAIN:
-            return self._train(msg, context, call_next, state, request)
+            return self._train(msg, context, call_next, state, request, floors)
         raise protocol.RefusedError(protocol.Refusal.BAD_REQUEST, f"unknown stage {stage!r}")
 
     def _identity(self, context: Context) -> protocol.Identity | None:
@@ -132,7 +132,7 @@ class SecAggMod:
             )
         return self._identities[cache_key]
 
-    def _train(self, msg, context, call_next, state, request):  # noqa: ANN001, ANN202
+    def _train(self, msg, context, call_next, state, request, floors):  # noqa: ANN001, ANN202
         masking_payload = wire.payload_of(msg.content, wire.MASKING)
         masking = wire.Masking.from_payload(masking_payload)
         plain = wire.without_stages(msg.content)
@@ -176,9 +176,14 @@ class SecAggMod:
                 max_weight=masking.max_weight,
                 max_clients=masking.max_clients,
             )
-        floor = protocol.ClientFloors.from_node_config(context.node_config).min_noise_multiplier
         upload, report = protocol.client_mask(
-            state, request, np.concatenate(deltas), weight, quantizer, digest, floor
+            state,
+            request,
+            np.concatenate(deltas),
+            weight,
+            quantizer,
+            digest,
+            floors.min_noise_multiplier,
         )
         # The report stays on this node: a per-client clipped count is data; the server
         # learns only the masked sum of the counts.
