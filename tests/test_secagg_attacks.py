@@ -21,7 +21,7 @@ from test_secure_aggregation import SHAPES, _expected_mean, _fedavg, _updates_ap
 from flower_privacy import _secagg_wire as wire
 from flower_privacy.errors import RunHaltedError
 from flower_privacy.mods import secagg_mod
-from flower_privacy.secagg import keys, shamir
+from flower_privacy.secagg import groups, keys, shamir
 from flower_privacy.secagg.floors import MIN_GROUP_SIZE, REQUIRED
 from flower_privacy.secagg.protocol import Refusal
 from flower_privacy.secagg.quantize import Quantizer
@@ -492,13 +492,32 @@ def test_7_a_train_action_message_is_training_too() -> None:
     assert reply.has_error() and Refusal.DOWNGRADE in reply.error.reason
 
 
+def _seed_for_another_partition(payload: dict) -> bytes:
+    """A seed whose groups differ from the server's: some seeds give the same partition."""
+    generations = groups.unflatten(
+        list(payload["generation-nodes"]), list(payload["generation-sizes"])
+    )
+    size = payload["group-size"]
+
+    def partition(seed: bytes) -> set[frozenset[int]]:
+        return {frozenset(g) for g in groups.groups_from_generations(generations, size, seed)}
+
+    real = partition(payload["group-seed"])
+    for i in range(100):
+        seed = b"another partition %d" % i
+        if partition(seed) != real:
+            return seed
+    raise AssertionError("no seed gives another partition")
+
+
 def test_4_one_node_shown_another_partition_cannot_be_aggregated_with_the_rest() -> None:
     grid = InProcessGrid(_updates_app(1), num_nodes=9)
 
     def other_partition(msg: Message) -> Message:
         if msg.metadata.dst_node_id == VICTIM and wire.PREPARE in wire.stages_of(msg.content):
             payload = wire.payload_of(msg.content, wire.PREPARE)
-            wire.put(msg.content, wire.PREPARE, {**payload, "group-seed": b"another partition"})
+            seed = _seed_for_another_partition(payload)
+            wire.put(msg.content, wire.PREPARE, {**payload, "group-seed": seed})
         return msg
 
     grid.intercept(other_partition)
