@@ -97,6 +97,7 @@ class Masking:
     clip_range: float
     max_weight: int
     max_clients: int
+    word_bits: int
     dp: dict = field(default_factory=dict)  # DistributedNoiseEncoding.request_fields()
 
     def to_payload(self) -> dict:
@@ -107,6 +108,7 @@ class Masking:
             "clip-range": self.clip_range,
             "max-weight": self.max_weight,
             "max-clients": self.max_clients,
+            "word-bits": self.word_bits,
             **self.dp,
         }
 
@@ -121,6 +123,7 @@ class Masking:
                 clip_range=float(payload["clip-range"]),
                 max_weight=int(payload["max-weight"]),
                 max_clients=int(payload["max-clients"]),
+                word_bits=int(payload["word-bits"]),
                 dp={k: v for k, v in payload.items() if k == "encoding" or k.startswith("dp-")},
             )
         except KeyError as err:

@@ -7,7 +7,7 @@ import os
 import numpy as np
 import pytest
 
-from flower_privacy.secagg import graph, keys, shamir
+from flower_privacy.secagg import graph, keys, prg, shamir
 from flower_privacy.secagg.prg import expand_mask
 from flower_privacy.secagg.quantize import Quantizer
 
@@ -86,6 +86,42 @@ def test_quantisation_reports_clipping_and_caps_weights() -> None:
         Quantizer(clip_range=0.0, max_weight=1, max_clients=1)
     with pytest.raises(ValueError, match="no room"):
         Quantizer(clip_range=1.0, max_weight=2**20, max_clients=2**12)
+
+
+@pytest.mark.parametrize("bits", [32, 64])
+def test_either_word_width_sums_the_worst_case_cohort_without_wrapping(bits: int) -> None:
+    q = Quantizer(clip_range=1.0, max_weight=1000, max_clients=3000, word_bits=bits)
+    for sign in (1.0, -1.0):  # every client at the clip with the largest weight
+        total = np.zeros(4, dtype=q.dtype)
+        for _ in range(q.max_clients):
+            total += q.encode(np.full(4, sign), q.max_weight).values
+        decoded = q.decode_sum(total, q.max_clients * q.max_weight)
+        np.testing.assert_allclose(decoded, sign, atol=q.resolution)
+    # The wider word buys resolution: the bound is what picks it.
+    assert (q.dtype.itemsize, q.resolution < 1e-9) == ((4, False) if bits == 32 else (8, True))
+
+
+def test_the_word_width_is_the_narrowest_that_meets_the_error_bound() -> None:
+    small = Quantizer.for_cohort(clip_range=1.0, max_weight=100, max_clients=100)
+    assert small.word_bits == 32 and small.resolution <= 1e-3
+    large = Quantizer.for_cohort(clip_range=1.0, max_weight=10_000, max_clients=10_000)
+    assert large.word_bits == 64 and large.resolution <= 1e-3
+    # 32 bits cannot even hold this cohort's worst-case sum: 64 bits are taken.
+    assert Quantizer.for_cohort(1.0, 2**20, 2**12).word_bits == 64
+    assert Quantizer.for_cohort(1.0, 100, 100, max_error=1e-9).word_bits == 64
+    with pytest.raises(ValueError, match="no word width"):
+        Quantizer.for_cohort(1.0, 100, 100, max_error=1e-30)
+    with pytest.raises(ValueError, match="max_error"):
+        Quantizer.for_cohort(1.0, 100, 100, max_error=float("nan"))
+
+
+def test_64_bit_masks_come_from_their_own_keystream() -> None:
+    seed = os.urandom(32)
+    narrow, wide = prg.expand_mask(seed, b"c", 8), prg.expand_mask(seed, b"c", 8, 64)
+    assert narrow.dtype == np.uint32 and wide.dtype == np.uint64 and len(wide) == 8
+    assert narrow.tobytes() != wide.tobytes()[: narrow.nbytes]
+    with pytest.raises(ValueError, match="word_bits"):
+        prg.expand_mask(seed, b"c", 8, 16)
 
 
 def test_pair_material_agrees_and_binds_ids_and_context() -> None:

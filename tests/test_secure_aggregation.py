@@ -208,10 +208,63 @@ def test_client_sampling_with_a_fraction_runs_every_round() -> None:
     assert all(result.train_metrics_clientapp[r]["secagg-clients"] == 6 for r in range(1, 5))
 
 
-def test_cohorts_larger_than_declared_are_refused() -> None:
+def _upload_bytes(grid: InProcessGrid) -> set[int]:
+    return {
+        len(wire.payload_of(e.message.content, wire.UPLOAD)["masked"])
+        for e in grid.transcript
+        if e.direction == "from-node"
+        and e.message.has_content()
+        and wire.UPLOAD in wire.stages_of(e.message.content)
+    }
+
+
+def test_cohorts_are_sampled_no_larger_than_max_clients() -> None:
     grid = InProcessGrid(_updates_app(1), num_nodes=5)
-    with pytest.raises(RunHaltedError, match="max_clients=4"):
-        SecureAggregation(_fedavg(5), max_clients=4).start(grid, _zeros(), num_rounds=1)
+    strategy = SecureAggregation(_fedavg(5, min_train=3), max_clients=4, max_weight=100)
+    result = strategy.start(grid, _zeros(), num_rounds=2)
+    assert [result.train_metrics_clientapp[r]["secagg-clients"] for r in (1, 2)] == [4, 4]
+
+
+def test_max_clients_is_derived_from_the_sampling_and_fixes_the_word_width() -> None:
+    length = sum(int(np.prod(s)) for s in SHAPES.values())
+    grid = InProcessGrid(_updates_app(2), num_nodes=10)
+    inner = FedAvg(fraction_train=0.5, min_available_nodes=10, fraction_evaluate=0.0)
+    narrow = SecureAggregation(inner, max_weight=100, min_train_replies=3)
+    narrow.start(grid, _zeros(), num_rounds=1)
+    assert (narrow.quantizer.max_clients, narrow.word_bits) == (5, 32)
+    assert _upload_bytes(grid) == {4 * (length + 2)}
+    # A bound 32-bit words cannot meet: 64-bit words, and the mean within it.
+    grid = InProcessGrid(_updates_app(2), num_nodes=10)
+    wide = SecureAggregation(_fedavg(10), max_weight=100, max_mean_error=1e-8)
+    result = wide.start(grid, _zeros(), num_rounds=1)
+    assert (wide.quantizer.max_clients, wide.word_bits) == (10, 64)
+    assert _upload_bytes(grid) == {8 * (length + 2)}
+    _assert_mean(result, 2, list(grid.contexts), tol=1e-6)
+
+
+def test_a_poisson_cohort_is_never_truncated() -> None:
+    grid = InProcessGrid(_updates_app(3), num_nodes=6)
+    strategy = SecureAggregation(
+        _fedavg(6, min_train=3),
+        max_weight=100,
+        group_size=3,
+        selection="poisson",
+        sampling_rate=1.0,
+        max_clients=3,
+        min_train_replies=3,
+    )
+    with pytest.raises(RunHaltedError, match="max_clients=3"):
+        strategy.start(grid, _zeros(), num_rounds=1)
+    derived = SecureAggregation(
+        _fedavg(6, min_train=3),
+        max_weight=100,
+        group_size=3,
+        selection="poisson",
+        sampling_rate=0.5,
+        min_train_replies=3,
+    )
+    derived.prepare_run(InProcessGrid(_updates_app(3), num_nodes=6), 1)
+    assert derived.quantizer.max_clients == 6  # every group may be drawn
 
 
 # -- structured refusals: a refusing holder is a missing holder, never a dropout ---------

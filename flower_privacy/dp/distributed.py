@@ -44,6 +44,11 @@ class DistributedNoiseEncoding:
                 raise ValueError(f"{name} must be a finite number > 0, got {value!r}")
         discrete._beta(self.beta)
 
+    @property
+    def word_bits(self) -> int:
+        """The ring is Z_(2^32): the accountant's wrap-around bound assumes 32 bits."""
+        return 32
+
     def encode(self, update: np.ndarray, weight: int = 1, *, seed: int | None = None) -> Encoded:
         """Clip, scale, round, add this client's noise share, reduce mod 2^32.
 

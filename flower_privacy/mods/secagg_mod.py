@@ -175,6 +175,12 @@ class SecAggMod:
                 clip_range=masking.clip_range,
                 max_weight=masking.max_weight,
                 max_clients=masking.max_clients,
+                word_bits=masking.word_bits,
+            )
+        if quantizer.word_bits != masking.word_bits:
+            raise ValueError(
+                f"the server asked for {masking.word_bits}-bit words, the encoding uses "
+                f"{quantizer.word_bits}"
             )
         upload, report = protocol.client_mask(
             state,

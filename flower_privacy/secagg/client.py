@@ -18,7 +18,7 @@ from flower_privacy.secagg._common import mask_sign as _sign
 from flower_privacy.secagg.consistency import check_signatures
 from flower_privacy.secagg.floors import ClientFloors
 from flower_privacy.secagg.prg import expand_mask
-from flower_privacy.secagg.quantize import Encoder
+from flower_privacy.secagg.quantize import Encoder, word_dtype
 from flower_privacy.secagg.state import ClientState, Identity, RoundSecrets
 from flower_privacy.secagg.views import (
     advertise_message,
@@ -235,23 +235,28 @@ def client_mask(
     secrets.view = view_digest(nonce, secrets, content_digest)
 
     encoded = encoder.encode(update, weight)
+    bits = encoder.word_bits
+    words = word_dtype(bits)
+    if encoded.values.dtype != words:
+        raise ValueError(f"the encoder gave {encoded.values.dtype} words, not {bits}-bit ones")
     vector = np.concatenate(
-        [encoded.values, np.array([encoded.weight, encoded.clipped], dtype=np.uint32)]
+        [encoded.values, np.array([encoded.weight, encoded.clipped], dtype=words)]
     )
-    vector += expand_mask(secrets.self_seed, _SELF + canonical.encode([nonce, rnd]), vector.size)
+    self_context = _SELF + canonical.encode([nonce, rnd])
+    vector += expand_mask(secrets.self_seed, self_context, vector.size, bits)
     tags = []
     for peer in live:
         pair = pairs[peer]
-        mask = expand_mask(pair.mask_seed(secrets.view), _PAIR, vector.size)
+        mask = expand_mask(pair.mask_seed(secrets.view), _PAIR, vector.size, bits)
         if _sign(state.node_id, peer) > 0:
             vector += mask
         else:
-            vector -= mask  # uint32 arithmetic wraps modulo 2^32
+            vector -= mask  # unsigned arithmetic wraps modulo 2^bits
         tags.append(keys.mac(pair.mac_key, tag_message(state.node_id, peer, secrets.view)))
     secrets.uploaded = True
     upload = m.Upload(
         round=rnd,
-        masked=vector.astype("<u4", copy=False).tobytes(),
+        masked=vector.astype(words, copy=False).tobytes(),
         view=secrets.view,
         tags_to=live,
         tags=tags,

@@ -1,4 +1,4 @@
-"""Mask generation: AES-256-CTR keystreams read as uint32 (a CSPRNG, not numpy's RNG).
+"""Mask generation: AES-256-CTR keystreams read as uint32 or uint64 words (a CSPRNG).
 
 Each mask key is derived with HKDF-SHA256 from a full-entropy 32-byte seed and a
 context naming its purpose, run and round, so that no key is ever used twice and the
@@ -24,14 +24,20 @@ def derive_key(seed: bytes, info: bytes, length: int = 32) -> bytes:
     return HKDF(algorithm=hashes.SHA256(), length=length, salt=None, info=info).derive(seed)
 
 
-def expand_mask(seed: bytes, context: bytes, length: int) -> np.ndarray:
-    """``length`` uniform uint32 values from ``seed`` for ``context``."""
+def expand_mask(seed: bytes, context: bytes, length: int, word_bits: int = 32) -> np.ndarray:
+    """``length`` uniform words of ``word_bits`` (32 or 64) from ``seed`` for ``context``."""
     if length < 0:
         raise ValueError(f"length must be >= 0, got {length}")
-    key = derive_key(seed, _MASK_INFO + context)
+    if word_bits not in (32, 64):
+        raise ValueError(f"word_bits must be 32 or 64, got {word_bits!r}")
+    # The width is part of the key's purpose: a 64-bit mask never shares a keystream
+    # with a 32-bit one.
+    info = _MASK_INFO + (b"" if word_bits == 32 else b"u64|") + context
+    key = derive_key(seed, info)
     encryptor = Cipher(algorithms.AES(key), modes.CTR(_ZERO_NONCE)).encryptor()
-    stream = encryptor.update(bytes(4 * length)) + encryptor.finalize()
-    return np.frombuffer(stream, dtype="<u4").astype(np.uint32, copy=False)
+    stream = encryptor.update(bytes(word_bits // 8 * length)) + encryptor.finalize()
+    dtype = np.uint32 if word_bits == 32 else np.uint64
+    return np.frombuffer(stream, dtype=f"<u{word_bits // 8}").astype(dtype, copy=False)
 
 
 def uniform_floats(seed: bytes, context: bytes, length: int) -> np.ndarray:

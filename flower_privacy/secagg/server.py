@@ -13,6 +13,7 @@ from flower_privacy.secagg._common import EXTRA_SLOTS, PROTOCOL, ProtocolError
 from flower_privacy.secagg._common import mask_sign as _sign
 from flower_privacy.secagg.floors import required_threshold
 from flower_privacy.secagg.prg import expand_mask
+from flower_privacy.secagg.quantize import word_dtype
 from flower_privacy.secagg.views import (
     advertise_message,
     pair_keys,
@@ -29,7 +30,7 @@ _DIGEST = 32
 class RoundResult:
     """The server's view after unmasking: only sums."""
 
-    total: np.ndarray  # sum of encoded updates mod 2^32 (model coordinates only)
+    total: np.ndarray  # sum of encoded updates mod 2^bits (model coordinates only)
     weight: int  # sum of the survivors' (capped) weights
     clipped: int  # clipped coordinates over all survivors
     survivors: list[int]
@@ -247,8 +248,10 @@ class SecAggServer:
             ).to_dict()
         return requests
 
-    def accept_upload(self, rnd: int, node: int, reply: dict, length: int) -> str | None:
-        """Keep a masked upload; return why it is unusable, or None."""
+    def accept_upload(
+        self, rnd: int, node: int, reply: dict, length: int, word_bits: int = 32
+    ) -> str | None:
+        """Keep a masked upload of ``length`` coordinates; return why it is unusable, or None."""
         state = self._rounds[rnd]
         if node not in state.prepared:
             return "not in the round's prepared cohort"
@@ -258,8 +261,9 @@ class SecAggServer:
             return str(err)
         if upload.round != rnd:
             return f"upload for round {upload.round}, expected {rnd}"
-        if len(upload.masked) != 4 * (length + EXTRA_SLOTS):
-            return f"masked vector is not {4 * (length + EXTRA_SLOTS)} bytes"
+        size = word_dtype(word_bits).itemsize * (length + EXTRA_SLOTS)
+        if len(upload.masked) != size:
+            return f"masked vector is not {size} bytes ({word_bits}-bit words)"
         live = [v for v in state.neighbours[node] if v in state.prepared_set]
         if list(upload.tags_to) != live or not (
             len(upload.tags) == len(live) and all(len(t) == _DIGEST for t in upload.tags)
@@ -353,7 +357,9 @@ class SecAggServer:
             ).to_dict()
         return requests
 
-    def unmask(self, rnd: int, replies: dict[int, dict], length: int) -> RoundResult:
+    def unmask(
+        self, rnd: int, replies: dict[int, dict], length: int, word_bits: int = 32
+    ) -> RoundResult:
         """Check every revealed share against its commitment, rebuild, sum and unmask."""
         state = self._rounds[rnd]
         survivors, dropped, _ = self._lists(rnd)
@@ -390,9 +396,11 @@ class SecAggServer:
                         bad.add(holder)  # a share that is not what its owner committed to
                         continue
                     target[owner].append(share)
-        total = np.zeros(length + EXTRA_SLOTS, dtype=np.uint32)
+        words = word_dtype(word_bits)
+        total = np.zeros(length + EXTRA_SLOTS, dtype=words)
         for node in survivors:
-            total += np.frombuffer(state.uploads[node].masked, dtype="<u4")
+            total += np.frombuffer(state.uploads[node].masked, dtype=words)
+        self_context = _SELF + canonical.encode([self.nonce, rnd])
         for node in survivors:
             seed = self._rebuild(node, b_shares[node], state.threshold, "self-mask seed")
             if (
@@ -400,7 +408,7 @@ class SecAggServer:
                 != state.prepares[node].seed_commitment
             ):
                 raise ProtocolError(f"node {node} shared a self-mask seed it did not commit to")
-            total -= expand_mask(seed, _SELF + canonical.encode([self.nonce, rnd]), total.size)
+            total -= expand_mask(seed, self_context, total.size, word_bits)
         for node in dropped:
             live = [v for v in state.neighbours[node] if v in alive]
             if not live:
@@ -411,7 +419,8 @@ class SecAggServer:
             for peer in live:
                 peer_key = state.prepares[peer].mask_key
                 pair = pair_keys(mask_key, node, peer_key, peer, self.nonce, rnd)
-                mask = expand_mask(pair.mask_seed(state.uploads[peer].view), _PAIR, total.size)
+                view = state.uploads[peer].view
+                mask = expand_mask(pair.mask_seed(view), _PAIR, total.size, word_bits)
                 if _sign(peer, node) > 0:  # the survivor added it: take it away
                     total -= mask
                 else:

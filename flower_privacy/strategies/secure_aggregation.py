@@ -59,9 +59,16 @@ class SecureAggregation(StrictRounds):
         clipped to ``[-clip_range, clip_range]``; the clipped count is reported.
     max_weight : int
         A client's weight (``num-examples``) is capped here; it bounds the quantisation.
-    max_clients : int
+    max_clients : int | None
         Most clients in one round; with ``max_weight`` and ``clip_range`` it fixes a
-        scale at which the sum cannot wrap around 2^32.
+        scale at which the sum cannot wrap. Default: derived when the run starts from
+        the largest cohort the sampling can draw (the inner strategy's fraction of the
+        connected nodes, whole groups, or every node for Poisson); cohorts are then
+        sampled no larger (Poisson rounds that would be larger fail).
+    max_mean_error : float | None
+        Bound on the worst-case rounding error of each coordinate of the mean (default
+        ``clip_range * 1e-3``). The ring is 32-bit words when that bound allows it and
+        64-bit otherwise, derived once per run.
     max_colluders : int
         Clients of a neighbourhood that may collude with the server: the threshold is
         ``floor((k + c) / 2) + 1`` of k holders. Clients enforce their own (node config
@@ -104,7 +111,8 @@ class SecureAggregation(StrictRounds):
         *,
         clip_range: float = 1.0,
         max_weight: int = 10_000,
-        max_clients: int = 100,
+        max_clients: int | None = None,
+        max_mean_error: float | None = None,
         max_colluders: int = 0,
         degree: int | None = None,
         weighting: str = "weighted",
@@ -140,9 +148,13 @@ class SecureAggregation(StrictRounds):
             raise ValueError(
                 f"max_refusals must be >= 1 (one node alone never stops a run), got {max_refusals}"
             )
-        self.quantizer = Quantizer(
-            clip_range=clip_range, max_weight=max_weight, max_clients=max_clients
-        )
+        if max_clients is not None and max_clients < 1:
+            raise ValueError(f"max_clients must be >= 1, got {max_clients}")
+        # Validates the limits now; the run's quantiser is derived in prepare_run.
+        Quantizer.for_cohort(clip_range, max_weight, max_clients or 1, max_mean_error)
+        self.clip_range, self.max_weight = clip_range, max_weight
+        self.max_clients, self.max_mean_error = max_clients, max_mean_error
+        self._quantizer: Quantizer | None = None
         self.weighting = weighting
         self.uniform_denominator = uniform_denominator
         self.max_colluders, self.degree = max_colluders, degree
@@ -201,6 +213,30 @@ class SecureAggregation(StrictRounds):
         self._num_rounds = num_rounds
         self._exchanger = StageExchange(grid, lambda: self.round_timeout, self.max_refusals)
         super().prepare_run(grid, num_rounds)
+        self._wait_for_nodes(grid)
+        self._quantizer = Quantizer.for_cohort(
+            self.clip_range,
+            self.max_weight,
+            self.max_clients or self._largest_cohort(),
+            self.max_mean_error,
+        )
+
+    @property
+    def quantizer(self) -> Quantizer:
+        """This run's fixed-point encoding (derived when the run starts)."""
+        if self._quantizer is None:
+            raise RuntimeError("the quantiser is derived when the run starts (prepare_run)")
+        return self._quantizer
+
+    def _largest_cohort(self) -> int:
+        """The most nodes this run's sampling can draw from the nodes connected now."""
+        population = len(list(self._exchanger.grid.get_node_ids())) if self._exchanger else 1
+        if self.plan is not None and self.plan.rule == "poisson":
+            return max(population, 1)
+        largest = self._cohort_size()
+        if self.plan is not None and self.plan.rule == "least-used":
+            largest = max(largest, self.group_size or 1)  # at least one whole group
+        return max(min(largest, population), 1)
 
     @property
     def refusals(self) -> list[RefusalEvent]:
@@ -215,11 +251,14 @@ class SecureAggregation(StrictRounds):
     def summary(self) -> None:
         log(
             INFO,
-            "\t├──> SecureAggregation: clip ±%s, max weight %d, max clients %d, "
-            "colluders tolerated %d, %s weighting, round-scoped keys",
+            "\t├──> SecureAggregation: clip ±%s, max weight %d, max clients %d "
+            "(%d-bit words, mean error <= %.3g), colluders tolerated %d, %s weighting, "
+            "round-scoped keys",
             self.quantizer.clip_range,
             self.quantizer.max_weight,
             self.quantizer.max_clients,
+            self.word_bits,
+            self.quantizer.resolution,
             self.max_colluders,
             self.weighting,
         )
@@ -250,7 +289,8 @@ class SecureAggregation(StrictRounds):
             raise RoundFailedError(
                 server_round,
                 f"{len(requests)} nodes selected but max_clients={self.quantizer.max_clients}: "
-                "the quantised sum could wrap; raise max_clients",
+                "the quantised sum could wrap (Poisson sampled more nodes than the run's "
+                "derived maximum): set max_clients",
             )
         shared = wire.without_stages(inner[0].content)
         masking = self._masking().to_payload()
@@ -276,7 +316,9 @@ class SecureAggregation(StrictRounds):
         uploads = self._exchanger.payloads(server_round, wire.UPLOAD, replies)
         by_node = {r.metadata.src_node_id: r for r in replies}
         for node, payload in uploads.items():
-            problem = self.protocol.accept_upload(server_round, node, payload, length)
+            problem = self.protocol.accept_upload(
+                server_round, node, payload, length, self.word_bits
+            )
             if problem is not None:
                 log(
                     WARNING, "round %d: upload of node %s unusable: %s", server_round, node, problem
@@ -318,7 +360,7 @@ class SecureAggregation(StrictRounds):
         self._accept_prepares(server_round + 1, answers)
         shares = {n: a[wire.UNMASK] for n, a in answers.items() if wire.UNMASK in a}
         try:
-            result = self.protocol.unmask(server_round, shares, length)
+            result = self.protocol.unmask(server_round, shares, length, self.word_bits)
         except protocol.ProtocolError as err:
             raise RoundFailedError(server_round, f"unmasking failed: {err}") from None
         self.unmasked_round = server_round
@@ -339,6 +381,8 @@ class SecureAggregation(StrictRounds):
             if problems and not any(n in self.protocol.lt_keys for n in new):
                 raise RoundFailedError(server_round, f"key set-up: {problems[0]}")
         keyed = [n for n in population if n in self.protocol.lt_keys]
+        if self._quantizer is not None:
+            per_round = min(per_round, self._quantizer.max_clients)
         if self.plan is not None:
             self.plan.update(keyed)
             return self.plan.select(keyed, per_round)
@@ -434,8 +478,15 @@ class SecureAggregation(StrictRounds):
             clip_range=self.quantizer.clip_range,
             max_weight=self.quantizer.max_weight,
             max_clients=self.quantizer.max_clients,
+            word_bits=self.word_bits,
             dp={} if self.encoding is None else self.encoding.request_fields(),
         )
+
+    @property
+    def word_bits(self) -> int:
+        """The ring's word width this round: the encoding's (32 for distributed DP)."""
+        encoder = self.encoding if self.encoding is not None else self.quantizer
+        return encoder.word_bits
 
     def _finish(
         self,
