@@ -17,7 +17,8 @@ STAMP_OLD := $(VENV_OLD)/.installed
 # The next Flower, by hand only: a scratch venv with flwr-nightly and the project.
 FLWR_NIGHTLY ?= 1.43.0.dev20261026
 VENV_NIGHTLY := $(VENV)/flwr-nightly
-IN_PROCESS := -m "not ray and not deployment"
+# Tests that touch Flower, on the in-process grid (cores do not depend on its version).
+IN_PROCESS := -m "not ray and not deployment and not cores"
 
 .PHONY: install demo test test-flwr141 test-flwr-nightly lint clean
 

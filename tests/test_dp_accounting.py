@@ -11,6 +11,9 @@ from dp_accounting.pld import PLDAccountant
 
 from flower_privacy.dp.accounting import GaussianRounds, calibrate, epsilon
 
+# Flower-free cores: run once, not again on each supported Flower version.
+pytestmark = pytest.mark.cores
+
 
 @pytest.mark.parametrize(
     ("z", "q", "rounds", "delta"),

@@ -14,6 +14,9 @@ from flower_privacy.he import codec
 from flower_privacy.he._tenseal import tenseal
 from flower_privacy.he.envelope import Envelope
 
+# Flower-free cores: run once, not again on each supported Flower version.
+pytestmark = pytest.mark.cores
+
 LIMITS = he.DeclaredLimits(max_clients=8, max_weight=100, clip_range=2.0, precision_bits=16)
 SHAPES = {
     "one-array": {"w": (7,)},

@@ -11,6 +11,9 @@ from flower_privacy.secagg import graph, keys, prg, shamir
 from flower_privacy.secagg.prg import expand_mask
 from flower_privacy.secagg.quantize import Quantizer
 
+# Flower-free cores: run once, not again on each supported Flower version.
+pytestmark = pytest.mark.cores
+
 
 def test_masks_are_deterministic_per_context_and_uniform() -> None:
     seed = os.urandom(32)
