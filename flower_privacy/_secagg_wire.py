@@ -30,6 +30,47 @@ NODE_SIGNING_KEY, NODE_ROSTER = "secagg-signing-key", "secagg-roster"
 MOD_NAME = "flower_privacy.mods.secagg_mod"
 
 
+# Server side only: what an outer layer (client-level DP) asks of the secure sum, as
+# keys of the train config it passes down; taken out before the inner strategy sees it.
+SUM_PREFIX = "secagg.sum."
+SUM_DENOMINATOR = SUM_PREFIX + "denominator"
+
+
+@dataclass(frozen=True)
+class SumSettings:
+    """One round's requests of an outer layer to secure aggregation.
+
+    ``denominator``: divide the unmasked sum by this public constant (uniform weights);
+    ``encoding``: the clients' encoding in place of the fixed-point quantiser, as
+    ``DistributedNoiseEncoding.request_fields()``.
+    """
+
+    denominator: float | None = None
+    encoding: dict = field(default_factory=dict)
+
+    def put(self, config: ConfigRecord) -> ConfigRecord:
+        """``config`` plus these settings (a new record)."""
+        out = ConfigRecord(dict(config.items()))
+        if self.denominator is not None:
+            out[SUM_DENOMINATOR] = float(self.denominator)
+        for key, value in self.encoding.items():
+            out[SUM_PREFIX + key] = value
+        return out
+
+    @classmethod
+    def take(cls, config: ConfigRecord) -> tuple[ConfigRecord, SumSettings]:
+        """(``config`` without the settings, the settings)."""
+        rest = {k: v for k, v in config.items() if not k.startswith(SUM_PREFIX)}
+        encoding = {
+            k[len(SUM_PREFIX) :]: v
+            for k, v in config.items()
+            if k.startswith(SUM_PREFIX) and k != SUM_DENOMINATOR
+        }
+        denominator = config.get(SUM_DENOMINATOR)
+        settings = cls(None if denominator is None else float(denominator), encoding)
+        return ConfigRecord(rest), settings
+
+
 def stages_of(content: RecordDict) -> list[str]:
     """The secure aggregation stages a message carries (possibly none)."""
     names = [name[len(PREFIX) :] for name in content.config_records if name.startswith(PREFIX)]

@@ -13,12 +13,17 @@ class FlowerPrivacyError(Exception):
 
 
 class RoundFailedError(FlowerPrivacyError):
-    """One round produced no model; the reason says why."""
+    """One round produced no model; the reason says why.
 
-    def __init__(self, server_round: int, reason: str) -> None:
+    ``revealed``: the server saw the round's aggregate before it failed (a DP release
+    all the same, to be charged).
+    """
+
+    def __init__(self, server_round: int, reason: str, *, revealed: bool = False) -> None:
         super().__init__(f"round {server_round} failed: {reason}")
         self.server_round = server_round
         self.reason = reason
+        self.revealed = revealed
 
 
 class RunHaltedError(FlowerPrivacyError):

@@ -13,6 +13,7 @@ from flwr.app import Array, ArrayRecord, Context, Message, MetricRecord, RecordD
 from flwr.clientapp import ClientApp
 from flwr.serverapp.strategy import FedAvg, FedMedian
 
+from flower_privacy import _secagg_wire as secagg_wire
 from flower_privacy.dp.accounting import GaussianRounds, epsilon
 from flower_privacy.dp.clipping import AdaptiveClipping, clip_l2, noisy_unclipped_fraction
 from flower_privacy.dp.noise import secure_generator
@@ -233,6 +234,9 @@ def test_bad_configurations_are_refused_with_the_reason() -> None:
     distributed = {"target_epsilon": 3.0, "placement": "distributed"}
     with pytest.raises(ValueError, match="uniform client weights"):
         ClientLevelDP(SecureAggregation(_fedavg()), **distributed)
+    fixed = SecureAggregation(_fedavg(), weighting="uniform", uniform_denominator=4.0)
+    with pytest.raises(ValueError, match="without uniform_denominator"):
+        ClientLevelDP(fixed, **distributed)
     secure = SecureAggregation(_fedavg(), weighting="uniform")
     with pytest.raises(ValueError, match="adaptive clipping with distributed noise"):
         ClientLevelDP(secure, adaptive_clipping=True, **distributed)
@@ -322,6 +326,38 @@ def test_a_second_run_is_not_charged_for_the_first_runs_unmasking() -> None:
         result = err.result
     assert "masked uploads" in result.failed_rounds[1]
     assert strategy.released == 0
+
+
+def _weight_liar(msg: Message, context: Context, call_next) -> Message:  # noqa: ANN001
+    """A malicious client: one more unit in its masked weight slot (masks are additive)."""
+    reply = call_next(msg, context)
+    if context.node_id != min(NODES) or not reply.has_content():
+        return reply
+    if secagg_wire.UPLOAD in secagg_wire.stages_of(reply.content):
+        upload = secagg_wire.payload_of(reply.content, secagg_wire.UPLOAD)
+        words = np.frombuffer(upload["masked"], dtype="<u4").copy()
+        words[-2] += np.uint32(1)  # the weight slot
+        secagg_wire.put(reply.content, secagg_wire.UPLOAD, {**upload, "masked": words.tobytes()})
+    return reply
+
+
+NODES = range(1001, 1007)
+
+
+def test_a_round_that_fails_after_unmasking_is_charged_and_the_sum_keys_stay_server_side() -> None:
+    dim, n = 64, 6
+    grid = InProcessGrid(make_toy_client_app(dim=dim, mods=[_weight_liar, secagg_mod]), num_nodes=n)
+    assert sorted(grid.contexts) == list(NODES)
+    strategy = _distributed(n, 4)
+    try:
+        result = strategy.start(grid, initial_arrays(dim), num_rounds=1)
+    except RunHaltedError as err:
+        result = err.result
+    assert "lied about its weight" in result.failed_rounds[1]
+    assert strategy.released == 1  # the server saw the noisy sum: charged
+    sent = [e.message.content for e in grid.transcript if e.direction == "to-node"]
+    keys = {k for c in sent for record in c.config_records.values() for k in record}
+    assert keys and not any(k.startswith(secagg_wire.SUM_PREFIX) for k in keys)
 
 
 def test_distributed_placement_refuses_sampling_it_cannot_account() -> None:

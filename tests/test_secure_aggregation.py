@@ -231,13 +231,13 @@ def test_max_clients_is_derived_from_the_sampling_and_fixes_the_word_width() -> 
     inner = FedAvg(fraction_train=0.5, min_available_nodes=10, fraction_evaluate=0.0)
     narrow = SecureAggregation(inner, max_weight=100, min_train_replies=3)
     narrow.start(grid, _zeros(), num_rounds=1)
-    assert (narrow.quantizer.max_clients, narrow.word_bits) == (5, 32)
+    assert (narrow.quantizer.max_clients, narrow.quantizer.word_bits) == (5, 32)
     assert _upload_bytes(grid) == {4 * (length + 2)}
     # A bound 32-bit words cannot meet: 64-bit words, and the mean within it.
     grid = InProcessGrid(_updates_app(2), num_nodes=10)
     wide = SecureAggregation(_fedavg(10), max_weight=100, max_mean_error=1e-8)
     result = wide.start(grid, _zeros(), num_rounds=1)
-    assert (wide.quantizer.max_clients, wide.word_bits) == (10, 64)
+    assert (wide.quantizer.max_clients, wide.quantizer.word_bits) == (10, 64)
     assert _upload_bytes(grid) == {8 * (length + 2)}
     _assert_mean(result, 2, list(grid.contexts), tol=1e-6)
 

@@ -30,6 +30,7 @@ from flwr.serverapp import Grid
 from flwr.serverapp.strategy import Strategy
 
 from flower_privacy import _dp_wire as wire
+from flower_privacy import _secagg_wire as wire_secagg
 from flower_privacy._arrays import add_flat
 from flower_privacy.dp.accounting import (
     ACCOUNTANTS,
@@ -187,6 +188,7 @@ class ClientLevelDP(StrictRounds):
             )
         self.planned_rounds = 0
         self.distributed_plan: DistributedPlan | None = None
+        self._encoding: DistributedNoiseEncoding | None = None
         # Per run (prepare_run).
         self.noise_multiplier = noise_multiplier or 0.0
         self.clip_norm = clip_norm
@@ -211,8 +213,7 @@ class ClientLevelDP(StrictRounds):
         self.released, self._epsilons, self.clip_norm = 0, {}, self.initial_clip_norm
         self.expected_clients = self.update_noise_multiplier = None
         self.planned_rounds, self.distributed_plan = num_rounds, None
-        if self.secure is not None:
-            self.secure.encoding = None
+        self._encoding: DistributedNoiseEncoding | None = None
         q = self.accounted_sampling_rate
         if self.placement == "distributed":
             pass  # calibrated at round 1, when the model's size is known
@@ -288,7 +289,7 @@ class ClientLevelDP(StrictRounds):
         self.distributed_plan = plan
         # The Gaussian-equivalent z: summed noise std over the rounded update's L2 bound.
         self.noise_multiplier = math.sqrt(plan.noise_variance) / plan.l2_sensitivity
-        self.secure.encoding = DistributedNoiseEncoding(
+        self._encoding = DistributedNoiseEncoding(
             self.mechanism, self.clip_norm, plan.scale, plan.share_variance, _BETA
         )
         log(
@@ -325,8 +326,6 @@ class ClientLevelDP(StrictRounds):
             self.update_noise_multiplier = adaptive_update_noise(self.noise_multiplier, sigma_b)
         else:
             self.update_noise_multiplier = self.noise_multiplier
-        if self.secure is not None:
-            self.secure.uniform_denominator = self.expected_clients
 
     # -- Strategy ---------------------------------------------------------------------
 
@@ -364,6 +363,16 @@ class ClientLevelDP(StrictRounds):
         if self.placement == "distributed" and self.distributed_plan is None:
             self._plan_distributed(arrays)
         self._clip_used = self.clip_norm
+        if self.secure is not None:
+            # Secure aggregation samples its cohort: m is its expected size, fixed once.
+            if self.expected_clients is None:
+                self._fix_expected_clients(
+                    self.fixed_expected_clients or self.secure.expected_cohort_size()
+                )
+            assert self._encoding is not None
+            config = wire_secagg.SumSettings(
+                denominator=self.expected_clients, encoding=self._encoding.request_fields()
+            ).put(config)
         messages = list(super().configure_train(server_round, arrays, config, grid))
         self._global = arrays
         if self.secure is None:
@@ -400,8 +409,8 @@ class ClientLevelDP(StrictRounds):
         if self.secure is not None:
             try:
                 arrays, inner_metrics = self.secure.aggregate_train(server_round, replies)
-            except RoundFailedError:
-                if self.secure.unmasked_round == server_round:
+            except RoundFailedError as err:
+                if err.revealed:
                     # The server saw this round's noisy sum: it is a release all the same.
                     self.released += 1
                     log(WARNING, "round %d failed after unmasking: charged", server_round)
@@ -557,6 +566,11 @@ def _check_inner(
         raise ValueError(
             "client-level DP needs uniform client weights (example counts are data and break "
             "the sensitivity bound): build SecureAggregation(..., weighting='uniform')"
+        )
+    if secure.uniform_denominator is not None:
+        raise ValueError(
+            "client-level DP divides the noisy sum by its own expected client count m: build "
+            "SecureAggregation(..., weighting='uniform') without uniform_denominator"
         )
     if adaptive:
         raise ValueError(

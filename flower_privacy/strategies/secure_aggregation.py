@@ -180,10 +180,9 @@ class SecureAggregation(StrictRounds):
         self._exchanger: StageExchange | None = None
         self._num_rounds = 0
         self._global: ArrayRecord | None = None
-        # Seam for ClientLevelDP: how clients encode their update (None: the
-        # fixed-point quantiser), and the last round whose sum the server unmasked.
-        self.encoding: DistributedNoiseEncoding | None = None
-        self.unmasked_round: int | None = None
+        # Per round: how clients encode (None: the quantiser) and what divides the sum,
+        # as an outer layer asked in the train config (wire.SumSettings).
+        self._sums: dict[int, tuple[DistributedNoiseEncoding | None, float | None]] = {}
 
     def _new_protocol(self) -> protocol.SecAggServer:
         self.plan = (
@@ -209,7 +208,7 @@ class SecureAggregation(StrictRounds):
         self.protocol = self._new_protocol()
         if plan is not None and self.plan is not None and plan.generations:
             self.plan = plan  # the clients keep the groups for the Flower run: so do we
-        self.unmasked_round = None
+        self._sums = {}
         self._num_rounds = num_rounds
         self._exchanger = StageExchange(grid, lambda: self.round_timeout, self.max_refusals)
         super().prepare_run(grid, num_rounds)
@@ -227,6 +226,22 @@ class SecureAggregation(StrictRounds):
         if self._quantizer is None:
             raise RuntimeError("the quantiser is derived when the run starts (prepare_run)")
         return self._quantizer
+
+    def expected_cohort_size(self) -> float:
+        """Nodes a round is expected to sum, by the sampling rule, from the nodes connected.
+
+        A public figure (the federation size is treated as public, as Opacus treats the
+        dataset size): client-level DP divides by it.
+        """
+        population = len(list(self._exchanger.grid.get_node_ids())) if self._exchanger else 0
+        if self.plan is None or self.plan.rule == "random":
+            return float(min(self._cohort_size(), population, self.quantizer.max_clients))
+        size = self.plan.group_size
+        if self.plan.rule == "poisson":
+            assert self.plan.rate is not None
+            return self.plan.rate * (population - population % size)
+        wanted = min(self._cohort_size(), population, self.quantizer.max_clients)
+        return float(max(1, wanted // size) * size)
 
     def _largest_cohort(self) -> int:
         """The most nodes this run's sampling can draw from the nodes connected now."""
@@ -257,7 +272,7 @@ class SecureAggregation(StrictRounds):
             self.quantizer.clip_range,
             self.quantizer.max_weight,
             self.quantizer.max_clients,
-            self.word_bits,
+            self.quantizer.word_bits,
             self.quantizer.resolution,
             self.max_colluders,
             self.weighting,
@@ -269,6 +284,9 @@ class SecureAggregation(StrictRounds):
     ) -> Iterable[Message]:
         if self._exchanger is None:
             self.prepare_run(grid, server_round)
+        config, settings = wire.SumSettings.take(config)
+        self._sums[server_round] = self._sum_of(settings)
+        self._sums.pop(server_round - 2, None)
         inner = list(super().configure_train(server_round, arrays, config, grid))
         if not inner:
             return []
@@ -293,7 +311,7 @@ class SecureAggregation(StrictRounds):
                 "derived maximum): set max_clients",
             )
         shared = wire.without_stages(inner[0].content)
-        masking = self._masking().to_payload()
+        masking = self._masking(server_round).to_payload()
         messages = []
         for node, request in requests.items():
             content = RecordDict(dict(shared.items()))
@@ -317,7 +335,7 @@ class SecureAggregation(StrictRounds):
         by_node = {r.metadata.src_node_id: r for r in replies}
         for node, payload in uploads.items():
             problem = self.protocol.accept_upload(
-                server_round, node, payload, length, self.word_bits
+                server_round, node, payload, length, self._word_bits(server_round)
             )
             if problem is not None:
                 log(
@@ -360,11 +378,16 @@ class SecureAggregation(StrictRounds):
         self._accept_prepares(server_round + 1, answers)
         shares = {n: a[wire.UNMASK] for n, a in answers.items() if wire.UNMASK in a}
         try:
-            result = self.protocol.unmask(server_round, shares, length, self.word_bits)
+            result = self.protocol.unmask(
+                server_round, shares, length, self._word_bits(server_round)
+            )
         except protocol.ProtocolError as err:
             raise RoundFailedError(server_round, f"unmasking failed: {err}") from None
-        self.unmasked_round = server_round
-        return self._finish(server_round, result, excluded, by_node[result.survivors[0]])
+        try:
+            return self._finish(server_round, result, excluded, by_node[result.survivors[0]])
+        except RoundFailedError as err:
+            # The sum was unmasked: an outer DP layer must charge the round.
+            raise RoundFailedError(server_round, err.reason, revealed=True) from None
 
     # -- rounds ahead: sampling and preparing ------------------------------------------
 
@@ -470,7 +493,35 @@ class SecureAggregation(StrictRounds):
 
     # -- the round's result ----------------------------------------------------------
 
-    def _masking(self) -> wire.Masking:
+    def _sum_of(
+        self, settings: wire.SumSettings
+    ) -> tuple[DistributedNoiseEncoding | None, float | None]:
+        """The round's (encoding, denominator), checked against this strategy's own."""
+        denominator = settings.denominator
+        if denominator is not None or settings.encoding:
+            if self.weighting != "uniform":
+                raise ValueError(
+                    "a fixed denominator or a DP encoding needs weighting='uniform' (example "
+                    "counts are data): build SecureAggregation(..., weighting='uniform')"
+                )
+        if denominator is not None and not denominator > 0:
+            raise ValueError(f"the requested denominator must be > 0, got {denominator}")
+        if (
+            denominator is not None
+            and self.uniform_denominator is not None
+            and denominator != self.uniform_denominator
+        ):
+            raise ValueError(
+                f"uniform_denominator={self.uniform_denominator} was given, but the layer "
+                f"above divides by {denominator}: leave uniform_denominator unset"
+            )
+        encoding = (
+            DistributedNoiseEncoding.from_request(settings.encoding) if settings.encoding else None
+        )
+        return encoding, denominator or self.uniform_denominator
+
+    def _masking(self, server_round: int) -> wire.Masking:
+        encoding = self._sums[server_round][0]
         return wire.Masking(
             arrays_key=self.arrays_key,
             weight_key=self.weight_key,
@@ -478,15 +529,14 @@ class SecureAggregation(StrictRounds):
             clip_range=self.quantizer.clip_range,
             max_weight=self.quantizer.max_weight,
             max_clients=self.quantizer.max_clients,
-            word_bits=self.word_bits,
-            dp={} if self.encoding is None else self.encoding.request_fields(),
+            word_bits=self._word_bits(server_round),
+            dp={} if encoding is None else encoding.request_fields(),
         )
 
-    @property
-    def word_bits(self) -> int:
-        """The ring's word width this round: the encoding's (32 for distributed DP)."""
-        encoder = self.encoding if self.encoding is not None else self.quantizer
-        return encoder.word_bits
+    def _word_bits(self, server_round: int) -> int:
+        """The ring's word width in a round: its encoding's (32 for distributed DP)."""
+        encoding = self._sums[server_round][0]
+        return (encoding or self.quantizer).word_bits
 
     def _finish(
         self,
@@ -515,8 +565,9 @@ class SecureAggregation(StrictRounds):
                 f"uniform weighting, but the revealed weight {result.weight} is not the "
                 f"survivor count {len(result.survivors)}: a client lied about its weight",
             )
-        denominator = self.uniform_denominator or result.weight
-        decoder = self.encoding if self.encoding is not None else self.quantizer
+        encoding, fixed = self._sums[server_round]
+        denominator = fixed or result.weight
+        decoder = encoding or self.quantizer
         mean_delta = decoder.decode_sum(result.total, denominator)
         arrays, metrics = self._aggregate_as_one_reply(
             server_round, add_flat(self._global, mean_delta), result.weight, envelope
