@@ -1,4 +1,4 @@
-"""What SecureAggregation refuses before a round: inner strategies and per-node content."""
+"""What SecureAggregation refuses: inner strategies, per-node content, sums it cannot trust."""
 
 from __future__ import annotations
 
@@ -22,7 +22,9 @@ from flwr.serverapp.strategy import (
 )
 
 from flower_privacy import _secagg_wire as wire
+from flower_privacy.dp.distributed import DistributedNoiseEncoding
 from flower_privacy.errors import RoundFailedError
+from flower_privacy.secagg.protocol import RoundResult
 
 # Aggregation is a (weighted) mean of the replies: a sum is all they need.
 MEAN_STRATEGIES = (FedAvg, FedAvgM, FedProx, FedAdam, FedYogi, FedAdagrad)
@@ -73,4 +75,46 @@ def check_inner(strategy: Strategy, trusted: bool) -> None:
         raise TypeError(
             f"{type(strategy).__name__} is not known to aggregate by weighted mean; pass "
             "trust_inner_is_mean=True if its aggregate_train is a weighted mean of the replies"
+        )
+
+
+def check_sum_settings(
+    settings: wire.SumSettings, weighting: str, uniform_denominator: float | None
+) -> tuple[DistributedNoiseEncoding | None, float | None]:
+    """The round's (encoding, denominator) an outer layer asked for, checked."""
+    denominator = settings.denominator
+    if (denominator is not None or settings.encoding) and weighting != "uniform":
+        raise ValueError(
+            "a fixed denominator or a DP encoding needs weighting='uniform' (example "
+            "counts are data): build SecureAggregation(..., weighting='uniform')"
+        )
+    if denominator is not None and not denominator > 0:
+        raise ValueError(f"the requested denominator must be > 0, got {denominator}")
+    if denominator is not None and uniform_denominator not in (None, denominator):
+        raise ValueError(
+            f"uniform_denominator={uniform_denominator} was given, but the layer above "
+            f"divides by {denominator}: leave uniform_denominator unset"
+        )
+    encoding = (
+        DistributedNoiseEncoding.from_request(settings.encoding) if settings.encoding else None
+    )
+    return encoding, denominator or uniform_denominator
+
+
+def check_revealed_weight(
+    server_round: int, result: RoundResult, weighting: str, max_weight: int
+) -> None:
+    """Fail a round whose unmasked weight no honest set of survivors could produce."""
+    survivors = len(result.survivors)
+    if not 1 <= result.weight <= max_weight * survivors:
+        raise RoundFailedError(
+            server_round,
+            f"the unmasked total weight {result.weight} is impossible for {survivors} "
+            "survivors (a client cheated, or masks did not cancel)",
+        )
+    if weighting == "uniform" and result.weight != survivors:
+        raise RoundFailedError(
+            server_round,
+            f"uniform weighting, but the revealed weight {result.weight} is not the "
+            f"survivor count {survivors}: a client lied about its weight",
         )

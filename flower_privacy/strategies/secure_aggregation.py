@@ -31,6 +31,13 @@ from flower_privacy.strategies._secagg_checks import (
     MEAN_STRATEGIES,
     check_inner,
     check_one_content,
+    check_revealed_weight,
+    check_sum_settings,
+)
+from flower_privacy.strategies._secagg_setup import (
+    CohortSetup,
+    expected_cohort,
+    largest_cohort,
 )
 from flower_privacy.strategies._stage_exchange import RefusalEvent, StageExchange
 from flower_privacy.strategies.strict_rounds import StrictRounds
@@ -178,7 +185,7 @@ class SecureAggregation(StrictRounds):
         self.plan: GroupPlan | None = None
         self.protocol = self._new_protocol()
         self._exchanger: StageExchange | None = None
-        self._num_rounds = 0
+        self._setup: CohortSetup | None = None
         self._global: ArrayRecord | None = None
         # Per round: how clients encode (None: the quantiser) and what divides the sum,
         # as an outer layer asked in the train config (wire.SumSettings).
@@ -209,15 +216,25 @@ class SecureAggregation(StrictRounds):
         if plan is not None and self.plan is not None and plan.generations:
             self.plan = plan  # the clients keep the groups for the Flower run: so do we
         self._sums = {}
-        self._num_rounds = num_rounds
         self._exchanger = StageExchange(grid, lambda: self.round_timeout, self.max_refusals)
         super().prepare_run(grid, num_rounds)
         self._wait_for_nodes(grid)
+        population = len(list(grid.get_node_ids()))
         self._quantizer = Quantizer.for_cohort(
             self.clip_range,
             self.max_weight,
-            self.max_clients or self._largest_cohort(),
+            self.max_clients or largest_cohort(self.innermost, self.plan, population),
             self.max_mean_error,
+        )
+        self._setup = CohortSetup(
+            self.protocol,
+            self._exchanger,
+            self.innermost,
+            self.plan,
+            self._rng,
+            cap=self._quantizer.max_clients,
+            min_survivors=self.min_train_replies,
+            num_rounds=num_rounds,
         )
 
     @property
@@ -233,25 +250,9 @@ class SecureAggregation(StrictRounds):
         A public figure (the federation size is treated as public, as Opacus treats the
         dataset size): client-level DP divides by it.
         """
-        population = len(list(self._exchanger.grid.get_node_ids())) if self._exchanger else 0
-        if self.plan is None or self.plan.rule == "random":
-            return float(min(self._cohort_size(), population, self.quantizer.max_clients))
-        size = self.plan.group_size
-        if self.plan.rule == "poisson":
-            assert self.plan.rate is not None
-            return self.plan.rate * (population - population % size)
-        wanted = min(self._cohort_size(), population, self.quantizer.max_clients)
-        return float(max(1, wanted // size) * size)
-
-    def _largest_cohort(self) -> int:
-        """The most nodes this run's sampling can draw from the nodes connected now."""
-        population = len(list(self._exchanger.grid.get_node_ids())) if self._exchanger else 1
-        if self.plan is not None and self.plan.rule == "poisson":
-            return max(population, 1)
-        largest = self._cohort_size()
-        if self.plan is not None and self.plan.rule == "least-used":
-            largest = max(largest, self.group_size or 1)  # at least one whole group
-        return max(min(largest, population), 1)
+        assert self._exchanger is not None, "the run has not started (prepare_run)"
+        population = len(list(self._exchanger.grid.get_node_ids()))
+        return expected_cohort(self.innermost, self.plan, population, self.quantizer.max_clients)
 
     @property
     def refusals(self) -> list[RefusalEvent]:
@@ -285,14 +286,17 @@ class SecureAggregation(StrictRounds):
         if self._exchanger is None:
             self.prepare_run(grid, server_round)
         config, settings = wire.SumSettings.take(config)
-        self._sums[server_round] = self._sum_of(settings)
+        self._sums[server_round] = check_sum_settings(
+            settings, self.weighting, self.uniform_denominator
+        )
         self._sums.pop(server_round - 2, None)
         inner = list(super().configure_train(server_round, arrays, config, grid))
         if not inner:
             return []
         check_one_content(server_round, inner)
+        assert self._setup is not None
         if not self.protocol.has_round(server_round):
-            self._prepare(server_round, self._sample(server_round, len(inner)))
+            self._setup.prepare(server_round, len(inner))
         leave_out: list[int] = []
         if self.plan is not None:  # a group with a member that did not prepare sits out
             _kept, leave_out = self.plan.keep(self.protocol.prepared_nodes(server_round))
@@ -327,7 +331,7 @@ class SecureAggregation(StrictRounds):
     def aggregate_train(
         self, server_round: int, replies: Iterable[Message]
     ) -> tuple[ArrayRecord | None, MetricRecord | None]:
-        assert self._global is not None and self._exchanger is not None
+        assert self._global is not None and self._exchanger is not None and self._setup
         length = sum(int(np.prod(a.shape)) for a in self._global.values())
         replies = list(replies)
         self._log_silent_nodes(server_round, "training", self._sent_to[server_round], replies)
@@ -371,11 +375,11 @@ class SecureAggregation(StrictRounds):
                 server_round,
                 {n: a[wire.CONSISTENCY] for n, a in answers.items() if wire.CONSISTENCY in a},
             )
-        unmask = self._next_round_stages(server_round)
+        unmask = self._setup.next_round_stages(server_round)
         for node, request in self.protocol.unmask_requests(server_round).items():
             unmask.setdefault(node, {})[wire.UNMASK] = request
         answers = self._exchanger.run(server_round, unmask)
-        self._accept_prepares(server_round + 1, answers)
+        self._setup.accept_prepares(server_round + 1, answers)
         shares = {n: a[wire.UNMASK] for n, a in answers.items() if wire.UNMASK in a}
         try:
             result = self.protocol.unmask(
@@ -389,136 +393,7 @@ class SecureAggregation(StrictRounds):
             # The sum was unmasked: an outer DP layer must charge the round.
             raise RoundFailedError(server_round, err.reason, revealed=True) from None
 
-    # -- rounds ahead: sampling and preparing ------------------------------------------
-
-    def _sample(
-        self, server_round: int, per_round: int, *, advertise_now: bool = True
-    ) -> list[int]:
-        """The cohort of ``server_round`` among nodes with a long-term key."""
-        population = sorted(self._exchanger.grid.get_node_ids())
-        new = self.protocol.nodes_to_advertise(population)
-        if new and advertise_now:
-            request = self.protocol.advertise_request()
-            answers = self._exchanger.run(server_round, {n: {wire.ADVERTISE: request} for n in new})
-            problems = self._accept_advertisements(server_round, answers)
-            if problems and not any(n in self.protocol.lt_keys for n in new):
-                raise RoundFailedError(server_round, f"key set-up: {problems[0]}")
-        keyed = [n for n in population if n in self.protocol.lt_keys]
-        if self._quantizer is not None:
-            per_round = min(per_round, self._quantizer.max_clients)
-        if self.plan is not None:
-            self.plan.update(keyed)
-            return self.plan.select(keyed, per_round)
-        return sorted(self._rng.sample(keyed, min(per_round, len(keyed))))
-
-    def _cohort_size(self) -> int:
-        """How many nodes the inner strategy would sample now (its fraction and minimum)."""
-        inner = self.innermost
-        available = len(list(self._exchanger.grid.get_node_ids()))
-        fraction = float(getattr(inner, "fraction_train", 1.0))
-        return max(int(available * fraction), int(getattr(inner, "min_train_nodes", 1)))
-
-    def _prepare_fields(self) -> dict:
-        fields: dict = {"min_survivors": self.min_train_replies}
-        if self.plan is not None and self.plan.rule != "random":
-            fields.update(self.plan.request_fields())
-        return fields
-
-    def _prepare(self, server_round: int, cohort: list[int]) -> None:
-        """A prepare exchange of its own (round 1, or after a failed round)."""
-        try:
-            requests = self.protocol.prepare_requests(server_round, cohort, self._prepare_fields())
-        except protocol.ProtocolError as err:
-            raise RoundFailedError(server_round, f"secure aggregation set-up: {err}") from None
-        answers = self._exchanger.run(
-            server_round, {n: {wire.PREPARE: r} for n, r in requests.items()}
-        )
-        self._accept_prepares(server_round, answers)
-
-    def _next_round_stages(self, server_round: int) -> dict[int, dict[str, dict]]:
-        """Stages for the unmask exchange: advertise new nodes, prepare the next cohort."""
-        stages: dict[int, dict[str, dict]] = {}
-        if server_round >= self._num_rounds:
-            return stages
-        population = sorted(self._exchanger.grid.get_node_ids())
-        request = self.protocol.advertise_request()
-        for node in self.protocol.nodes_to_advertise(population):
-            stages[node] = {wire.ADVERTISE: request}
-        cohort = self._sample(server_round + 1, self._cohort_size(), advertise_now=False)
-        try:
-            prepares = self.protocol.prepare_requests(
-                server_round + 1, cohort, self._prepare_fields()
-            )
-        except protocol.ProtocolError as err:
-            log(
-                WARNING,
-                "round %d: cannot prepare round %d yet: %s",
-                server_round,
-                server_round + 1,
-                err,
-            )
-            return stages
-        for node, prepare in prepares.items():
-            stages.setdefault(node, {})[wire.PREPARE] = prepare
-        return stages
-
-    def _accept_advertisements(
-        self, server_round: int, answers: dict[int, dict[str, dict]]
-    ) -> list[str]:
-        problems = []
-        for node, payloads in answers.items():
-            if wire.ADVERTISE in payloads:
-                try:
-                    self.protocol.accept_advertisement(node, payloads[wire.ADVERTISE])
-                except protocol.ProtocolError as err:
-                    problems.append(str(err))
-                    log(WARNING, "round %d: %s", server_round, err)
-        return problems
-
-    def _accept_prepares(self, prepared_round: int, answers: dict[int, dict[str, dict]]) -> None:
-        self._accept_advertisements(prepared_round - 1, answers)
-        if not self.protocol.has_round(prepared_round):
-            return
-        for node, payloads in answers.items():
-            if wire.PREPARE in payloads:
-                problem = self.protocol.accept_prepare(prepared_round, node, payloads[wire.PREPARE])
-                if problem is not None:
-                    log(
-                        WARNING,
-                        "round %d: prepare of node %s unusable: %s",
-                        prepared_round,
-                        node,
-                        problem,
-                    )
-
     # -- the round's result ----------------------------------------------------------
-
-    def _sum_of(
-        self, settings: wire.SumSettings
-    ) -> tuple[DistributedNoiseEncoding | None, float | None]:
-        """The round's (encoding, denominator), checked against this strategy's own."""
-        denominator = settings.denominator
-        if denominator is not None or settings.encoding:
-            if self.weighting != "uniform":
-                raise ValueError(
-                    "a fixed denominator or a DP encoding needs weighting='uniform' (example "
-                    "counts are data): build SecureAggregation(..., weighting='uniform')"
-                )
-        if denominator is not None and not denominator > 0:
-            raise ValueError(f"the requested denominator must be > 0, got {denominator}")
-        if (
-            denominator is not None
-            and self.uniform_denominator is not None
-            and denominator != self.uniform_denominator
-        ):
-            raise ValueError(
-                f"uniform_denominator={self.uniform_denominator} was given, but the layer "
-                f"above divides by {denominator}: leave uniform_denominator unset"
-            )
-        encoding = (
-            DistributedNoiseEncoding.from_request(settings.encoding) if settings.encoding else None
-        )
-        return encoding, denominator or self.uniform_denominator
 
     def _masking(self, server_round: int) -> wire.Masking:
         encoding = self._sums[server_round][0]
@@ -553,18 +428,7 @@ class SecureAggregation(StrictRounds):
                 server_round,
                 result.bad_holders,
             )
-        if not 1 <= result.weight <= self.quantizer.max_weight * len(result.survivors):
-            raise RoundFailedError(
-                server_round,
-                f"the unmasked total weight {result.weight} is impossible for "
-                f"{len(result.survivors)} survivors (a client cheated, or masks did not cancel)",
-            )
-        if self.weighting == "uniform" and result.weight != len(result.survivors):
-            raise RoundFailedError(
-                server_round,
-                f"uniform weighting, but the revealed weight {result.weight} is not the "
-                f"survivor count {len(result.survivors)}: a client lied about its weight",
-            )
+        check_revealed_weight(server_round, result, self.weighting, self.quantizer.max_weight)
         encoding, fixed = self._sums[server_round]
         denominator = fixed or result.weight
         decoder = encoding or self.quantizer
