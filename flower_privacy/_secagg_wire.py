@@ -28,6 +28,12 @@ MASKING = "masking"
 # Node config keys (file paths) that give a node its signing key and trusted roster.
 NODE_SIGNING_KEY, NODE_ROSTER = "secagg-signing-key", "secagg-roster"
 MOD_NAME = "flower_privacy.mods.secagg_mod"
+# Metrics of each securely aggregated round (counts the server learns anyway).
+METRIC_CLIENTS = "secagg-clients"  # survivors summed
+METRIC_DROPPED = "secagg-dropped"
+METRIC_EXCLUDED = "secagg-excluded"  # uploaded, left out with an incomplete group
+METRIC_CLIPPED = "secagg-clipped"  # clipped coordinates, summed inside the masks
+METRIC_PRIVACY_T = "secagg-privacy-t"  # the participation audit's T so far
 
 
 # Server side only: what an outer layer (client-level DP) asks of the secure sum, as

@@ -14,6 +14,7 @@ import typer
 from flower_privacy.harness.flwr_cli import RunOutcome
 from flower_privacy.harness.presets import (
     GpuUnavailableError,
+    check_gpu,
     find_preset,
     load_federation_preset,
     to_overrides,
@@ -84,6 +85,8 @@ def simulate(
     preset_path = find_preset(preset)
     federation = load_federation_preset(preset_path)
     typer.echo(f"federation preset {preset_path.name}: {to_overrides(federation)}")
+    with _user_errors(GpuUnavailableError):
+        check_gpu(federation, f"preset {preset_path.name}")  # before any process starts
     with _user_errors(GpuUnavailableError), LocalSimulation() as sim:
         outcome = sim.run(app_dir, federation, run_config=run_config, echo=_echo, timeout=timeout)
     _report(outcome, started)

@@ -23,13 +23,15 @@ if str(DIGITS_APP) not in sys.path:
     sys.path.insert(0, str(DIGITS_APP))
 
 
-def run_cli(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
+def run_cli(
+    *args: str, env: dict[str, str] | None = None, timeout: float = 120
+) -> subprocess.CompletedProcess:
     """Run ``flower-privacy ARGS`` with this interpreter; output captured as text."""
     return subprocess.run(
         [sys.executable, "-m", "flower_privacy.cli", *args],
         capture_output=True,
         text=True,
-        timeout=120,
+        timeout=timeout,
         env={**os.environ, **(env or {})},
     )
 

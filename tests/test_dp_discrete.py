@@ -363,9 +363,11 @@ def test_discrete_gaussian_sampler_has_the_discrete_gaussian_law() -> None:
 
 def test_discrete_gaussian_sampler_is_fast_for_large_sigma() -> None:
     rng = secure_generator(TEST_SEED)
-    start = time.perf_counter()
+    # A guard against a sampler whose cost grows with sigma (CPU time, not wall time:
+    # other processes on a loaded machine do not count).
+    start = time.process_time()
     discrete_gaussian_noise(1_000_000, 1e4, rng)
-    assert time.perf_counter() - start < 1.0  # ~0.15 s measured on this machine kind
+    assert time.process_time() - start < 3.0  # ~0.15 s measured on this machine kind
 
 
 # ---------------------------------------------------------------------- shares over survivors

@@ -483,7 +483,7 @@ def test_digits_deals_keys_only_in_a_declared_simulation(monkeypatch, tmp_path) 
 def test_bench_he_prints_one_json_object_with_every_figure() -> None:
     import json
 
-    done = run_cli("bench", "he", "--quick", "--json")
+    done = run_cli("bench", "he", "--quick", "--json", timeout=600)
     assert done.returncode == 0, done.stderr
     result = json.loads(done.stdout)  # stdout is the JSON object alone
     for name in ("ours", "ckks", "nvflare_style"):

@@ -230,8 +230,13 @@ def test_clients_refuse_to_unmask_an_incomplete_group() -> None:
     ("selection_rule", "recoverable"),
     [(None, True), ("least-used", False), ("poisson", False)],
 )
-def test_differencing_recovers_a_client_only_without_groups(selection_rule, recoverable) -> None:  # noqa: ANN001
+def test_differencing_recovers_a_client_only_without_groups(
+    selection_rule, recoverable, monkeypatch
+) -> None:  # noqa: ANN001
     n, rounds, target = 12, 16, 1002
+    # Pinned draws: some cohort sequences (about 1 in 180) leave a node's column outside
+    # the participation matrix's row space, or a Poisson draw leaves a group unidentified.
+    monkeypatch.setattr(random, "SystemRandom", lambda: random.Random(0))
     grid = InProcessGrid(_fixed_secret_app(), num_nodes=n)
     # Some dropouts: node 1007 misses every third round's upload.
     grid.drop_node(
@@ -249,6 +254,7 @@ def test_differencing_recovers_a_client_only_without_groups(selection_rule, reco
     strategy = SecureAggregation(
         _inner(n, 9), min_train_replies=3, max_failed_rounds=rounds, degree=n - 1, **kwargs
     )
+    strategy._group_seed = b"\x07" * 32  # the partition, pinned with the draws
     result, models = _run(strategy, grid, rounds)
     done = sorted(result.train_metrics_clientapp)  # failed rounds are recorded, not used
     assert len(done) >= rounds // 2

@@ -100,7 +100,7 @@ def test_cli_simulate_with_a_gpu_preset_fails_within_seconds_naming_the_gpu() ->
 def test_cli_bench_secagg_prints_one_json_object_with_every_figure() -> None:
     import json
 
-    res = run_cli("bench", "secagg", "--json", "--quick", "--no-deployment")
+    res = run_cli("bench", "secagg", "--json", "--quick", "--no-deployment", timeout=600)
     assert res.returncode == 0, res.stderr[-2000:]
     result = json.loads(res.stdout)
     assert [c["clients"] for c in result["cases"]] == [5, 10]

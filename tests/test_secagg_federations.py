@@ -79,6 +79,7 @@ def strategy_history(
     return [seen[r] for r in range(1, rounds + 1)]
 
 
+@pytest.mark.timeout(900)  # about 45 s alone; several times that on a loaded machine
 def test_a_cohort_of_1000_sums_within_the_stated_error() -> None:
     n, dim = 1000, 16
     app = ClientApp(mods=[secagg_mod])

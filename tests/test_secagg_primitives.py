@@ -48,7 +48,7 @@ def test_shamir_below_threshold_reveals_nothing_checkable() -> None:
             share = shamir.split(secret, 3, 5)[0]
             values[secret].append(np.frombuffer(share[4:], dtype="<u4")[0])
     means = [np.mean(v) / shamir.PRIME for v in values.values()]
-    assert all(abs(m - 0.5) < 0.07 for m in means)
+    assert all(abs(m - 0.5) < 0.1 for m in means)  # 6 sigma of 300 uniforms
 
 
 def test_shamir_rejects_bad_input() -> None:

@@ -278,7 +278,7 @@ def deployment(params: int = 10_000, rounds: int = 4) -> dict:
         key_paths, roster = write_signing_keys(Path(keys_dir), 3)
 
         def signing_config(index: int) -> dict[str, str]:
-            return {"secagg-signing-key": str(key_paths[index]), "secagg-roster": str(roster)}
+            return {wire.NODE_SIGNING_KEY: str(key_paths[index]), wire.NODE_ROSTER: str(roster)}
 
         for privacy, name in names.items():
             # Only the consistency run gets signing keys: a node with a roster insists

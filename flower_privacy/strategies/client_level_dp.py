@@ -52,6 +52,12 @@ from flower_privacy.strategies.strict_rounds import StrictRounds
 PLACEMENTS = ("central", "client", "distributed")
 # Conditional randomised rounding's β (Kairouz et al. 2021; their experiments' e^-1/2).
 _BETA = math.exp(-0.5)
+# Participation counts are public in the distributed placement (zero-out relation).
+_PUBLIC_SECAGG_METRICS = (
+    wire_secagg.METRIC_CLIENTS,
+    wire_secagg.METRIC_DROPPED,
+    wire_secagg.METRIC_EXCLUDED,
+)
 # Relative slack for a client-clipped update whose weights went through float32.
 _CLIP_SLACK = 1e-3
 
@@ -418,11 +424,7 @@ class ClientLevelDP(StrictRounds):
             # Participation is public in the distributed placement (zero-out relation);
             # the clipped-value count is not released.
             metrics = MetricRecord(
-                {
-                    k: v
-                    for k, v in (inner_metrics or {}).items()
-                    if k in ("secagg-clients", "secagg-dropped", "secagg-excluded")
-                }
+                {k: v for k, v in (inner_metrics or {}).items() if k in _PUBLIC_SECAGG_METRICS}
             )
         else:
             arrays = self._aggregate_in_the_clear(server_round, replies)
@@ -431,19 +433,19 @@ class ClientLevelDP(StrictRounds):
         self.released += 1
         metrics.update(
             {
-                "dp-epsilon": self._epsilon_after(self.released),
-                "dp-delta": self.delta,
-                "dp-noise-multiplier": self.noise_multiplier,
-                "dp-clip-norm": self._clip_used,
+                wire.METRIC_EPSILON: self._epsilon_after(self.released),
+                wire.METRIC_DELTA: self.delta,
+                wire.METRIC_NOISE_MULTIPLIER: self.noise_multiplier,
+                wire.METRIC_CLIP_NORM: self._clip_used,
             }
         )
         if self.adaptive is not None:
-            metrics["dp-unclipped-fraction"] = self._unclipped_fraction
+            metrics[wire.METRIC_UNCLIPPED_FRACTION] = self._unclipped_fraction
         log(
             INFO,
             "round %d: ε=%.4f at δ=%g after %d private round(s)",
             server_round,
-            metrics["dp-epsilon"],
+            metrics[wire.METRIC_EPSILON],
             self.delta,
             self.released,
         )

@@ -439,17 +439,17 @@ class SecureAggregation(StrictRounds):
         metrics = MetricRecord(dict(metrics or {}))
         metrics.update(
             {
-                "secagg-clients": len(result.survivors),
-                "secagg-dropped": len(result.dropped),
-                "secagg-excluded": len(excluded),
-                "secagg-clipped": result.clipped,
+                wire.METRIC_CLIENTS: len(result.survivors),
+                wire.METRIC_DROPPED: len(result.dropped),
+                wire.METRIC_EXCLUDED: len(excluded),
+                wire.METRIC_CLIPPED: result.clipped,
             }
         )
         if self.plan is not None:
             self.plan.record(result.survivors)
             checked = self.plan.audit()
             privacy_t = checked.exact if checked.exact is not None else checked.lower_bound
-            metrics["secagg-privacy-t"] = privacy_t
+            metrics[wire.METRIC_PRIVACY_T] = privacy_t
             if self.plan.rule != "random" and privacy_t < self.plan.group_size:
                 raise RoundFailedError(
                     server_round,
