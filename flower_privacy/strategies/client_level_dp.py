@@ -18,7 +18,6 @@ kept) when one more round would exceed the target. The maths lives in
 
 from __future__ import annotations
 
-import dataclasses
 import math
 from collections.abc import Iterable
 from logging import INFO, WARNING
@@ -37,13 +36,12 @@ from flower_privacy.dp.accounting import (
     GaussianRounds,
     adaptive_update_noise,
     calibrate,
-    epsilon,
 )
 from flower_privacy.dp.clipping import AdaptiveClipping, clip_l2, noisy_unclipped_fraction
 from flower_privacy.dp.discrete import MECHANISMS
 from flower_privacy.dp.discrete_accounting import DistributedPlan, plan_distributed
-from flower_privacy.dp.discrete_accounting import epsilon as discrete_epsilon
 from flower_privacy.dp.distributed import DistributedNoiseEncoding
+from flower_privacy.dp.ledger import PrivacyLedger
 from flower_privacy.dp.noise import add_gaussian_noise, secure_generator, snap
 from flower_privacy.errors import RoundFailedError
 from flower_privacy.strategies.secure_aggregation import MEAN_STRATEGIES, SecureAggregation
@@ -200,8 +198,8 @@ class ClientLevelDP(StrictRounds):
         self.clip_norm = clip_norm
         self.expected_clients: float | None = None
         self.update_noise_multiplier: float | None = None
-        self.released = 0
-        self._epsilons: dict[int, float] = {}
+        self.ledger: PrivacyLedger | None = None  # per run; the accountant of its releases
+        self._resume: PrivacyLedger | None = None
         self._rng = secure_generator(seed)
         self._global: ArrayRecord | None = None
 
@@ -216,13 +214,25 @@ class ClientLevelDP(StrictRounds):
         """Calibrate the noise for the planned rounds and sampling, before round 1."""
         super().prepare_run(grid, num_rounds)
         self._rng = secure_generator(self.seed)
-        self.released, self._epsilons, self.clip_norm = 0, {}, self.initial_clip_norm
+        self.clip_norm = self.initial_clip_norm
         self.expected_clients = self.update_noise_multiplier = None
         self.planned_rounds, self.distributed_plan = num_rounds, None
         self._encoding: DistributedNoiseEncoding | None = None
+        self.ledger, resume, self._resume = None, self._resume, None
         q = self.accounted_sampling_rate
         if self.placement == "distributed":
             pass  # calibrated at round 1, when the model's size is known
+        elif resume is not None:
+            self.ledger = resume
+            self.noise_multiplier = resume.event.noise_multiplier
+            log(
+                INFO,
+                "ClientLevelDP: resumed after %d released round(s) (ε=%.4f), noise multiplier "
+                "%.4f kept",
+                resume.released,
+                resume.epsilon(),
+                self.noise_multiplier,
+            )
         elif self.fixed_noise_multiplier is None:
             assert self.target_epsilon is not None
             self.noise_multiplier = calibrate(
@@ -239,6 +249,9 @@ class ClientLevelDP(StrictRounds):
             )
         else:
             self.noise_multiplier = self.fixed_noise_multiplier
+        if self.placement != "distributed" and self.ledger is None:
+            one = GaussianRounds(self.noise_multiplier, q, 1)
+            self.ledger = PrivacyLedger(one, self.delta, self.accountant)
         if self.sampling_rate is not None:
             self._wait_for_nodes(grid)
             population = len(list(grid.get_node_ids()))
@@ -264,17 +277,48 @@ class ClientLevelDP(StrictRounds):
         log(WARNING, "ClientLevelDP: %s; keeping the last model", reason)
         return reason
 
+    @property
+    def released(self) -> int:
+        """Rounds of this run (and of the run it resumed) the server released."""
+        return 0 if self.ledger is None else self.ledger.released
+
     def _epsilon_after(self, rounds: int) -> float:
-        if rounds not in self._epsilons:
-            q = self.accounted_sampling_rate
-            plan = self.distributed_plan
-            if plan is None:
-                mechanism = GaussianRounds(self.noise_multiplier, q, rounds)
-                self._epsilons[rounds] = epsilon(mechanism, self.delta, self.accountant)
-            else:
-                event = dataclasses.replace(plan.event, rounds=rounds)
-                self._epsilons[rounds] = discrete_epsilon(event, self.delta)
-        return self._epsilons[rounds]
+        assert self.ledger is not None
+        return self.ledger.epsilon(rounds)
+
+    def state_dict(self) -> dict:
+        """The privacy ledger's state after the last run, to resume with ε intact."""
+        if self.ledger is None:
+            raise RuntimeError("no run has started: there is nothing to resume from")
+        return self.ledger.state_dict()
+
+    def load_state_dict(self, state: dict) -> None:
+        """Resume the next run from :meth:`state_dict`: ε counts the earlier rounds too.
+
+        The earlier run's noise multiplier is kept (it must have been accounted with
+        this strategy's δ, accountant and sampling rate).
+        """
+        if self.placement == "distributed":
+            raise ValueError(
+                "resuming the distributed placement is not supported yet: its noise shares "
+                "are planned for a fixed number of rounds at round 1"
+            )
+        ledger = PrivacyLedger.from_state_dict(state)
+        event = ledger.event
+        if not isinstance(event, GaussianRounds):
+            raise ValueError(f"a {type(event).__name__} ledger cannot resume {self.placement!r}")
+        mismatch = [
+            f"{name} {theirs} != {ours}"
+            for name, theirs, ours in (
+                ("delta", ledger.delta, self.delta),
+                ("accountant", ledger.accountant, self.accountant),
+                ("sampling rate", event.sampling_rate, self.accounted_sampling_rate),
+            )
+            if theirs != ours
+        ]
+        if mismatch:
+            raise ValueError(f"the saved ledger does not match this strategy: {mismatch}")
+        self._resume = ledger
 
     def _plan_distributed(self, arrays: ArrayRecord) -> None:
         """Calibrate each client's integer noise share for the target, before round 1."""
@@ -293,6 +337,7 @@ class ClientLevelDP(StrictRounds):
             beta=_BETA,
         )
         self.distributed_plan = plan
+        self.ledger = PrivacyLedger(plan.event, self.delta, self.accountant)
         # The Gaussian-equivalent z: summed noise std over the rounded update's L2 bound.
         self.noise_multiplier = math.sqrt(plan.noise_variance) / plan.l2_sensitivity
         self._encoding = DistributedNoiseEncoding(
@@ -418,7 +463,8 @@ class ClientLevelDP(StrictRounds):
             except RoundFailedError as err:
                 if err.revealed:
                     # The server saw this round's noisy sum: it is a release all the same.
-                    self.released += 1
+                    assert self.ledger is not None
+                    self.ledger.charge()
                     log(WARNING, "round %d failed after unmasking: charged", server_round)
                 raise
             # Participation is public in the distributed placement (zero-out relation);
@@ -430,7 +476,8 @@ class ClientLevelDP(StrictRounds):
             arrays = self._aggregate_in_the_clear(server_round, replies)
             metrics = MetricRecord()
         self._check_finite(server_round, arrays)
-        self.released += 1
+        assert self.ledger is not None
+        self.ledger.charge()
         metrics.update(
             {
                 wire.METRIC_EPSILON: self._epsilon_after(self.released),
