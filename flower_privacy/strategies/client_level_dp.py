@@ -30,24 +30,22 @@ from flwr.serverapp.strategy import Strategy
 
 from flower_privacy import _dp_wire as wire
 from flower_privacy import _secagg_wire as wire_secagg
-from flower_privacy._arrays import add_flat
 from flower_privacy.dp.accounting import (
-    ACCOUNTANTS,
     GaussianRounds,
     adaptive_update_noise,
     calibrate,
 )
-from flower_privacy.dp.clipping import AdaptiveClipping, clip_l2, noisy_unclipped_fraction
-from flower_privacy.dp.discrete import MECHANISMS
+from flower_privacy.dp.clipping import AdaptiveClipping
 from flower_privacy.dp.discrete_accounting import DistributedPlan, plan_distributed
 from flower_privacy.dp.distributed import DistributedNoiseEncoding
 from flower_privacy.dp.ledger import PrivacyLedger
-from flower_privacy.dp.noise import add_gaussian_noise, secure_generator, snap
+from flower_privacy.dp.noise import secure_generator
 from flower_privacy.errors import RoundFailedError
-from flower_privacy.strategies.secure_aggregation import MEAN_STRATEGIES, SecureAggregation
+from flower_privacy.strategies._dp_checks import check_arguments, check_inner
+from flower_privacy.strategies._dp_clear import InTheClear
+from flower_privacy.strategies.secure_aggregation import SecureAggregation
 from flower_privacy.strategies.strict_rounds import StrictRounds
 
-PLACEMENTS = ("central", "client", "distributed")
 # Conditional randomised rounding's β (Kairouz et al. 2021; their experiments' e^-1/2).
 _BETA = math.exp(-0.5)
 # Participation counts are public in the distributed placement (zero-out relation).
@@ -56,11 +54,9 @@ _PUBLIC_SECAGG_METRICS = (
     wire_secagg.METRIC_DROPPED,
     wire_secagg.METRIC_EXCLUDED,
 )
-# Relative slack for a client-clipped update whose weights went through float32.
-_CLIP_SLACK = 1e-3
 
 
-class ClientLevelDP(StrictRounds):
+class ClientLevelDP(InTheClear, StrictRounds):
     """Wrap a mean-based strategy so that its model is (ε, δ)-DP for each client.
 
     Parameters
@@ -143,45 +139,28 @@ class ClientLevelDP(StrictRounds):
             max_failed_rounds=max_failed_rounds,
             node_wait_timeout=node_wait_timeout,
         )
-        if target_epsilon is None and noise_multiplier is None:
-            raise ValueError("give target_epsilon (calibrated noise) or noise_multiplier")
-        if target_epsilon is not None and not (
-            math.isfinite(target_epsilon) and target_epsilon > 0
-        ):
-            raise ValueError(f"target_epsilon must be a finite number > 0, got {target_epsilon}")
-        if noise_multiplier is not None:
-            GaussianRounds(noise_multiplier, 1.0, 1)  # validates z
-        if not 0 < delta < 1:
-            raise ValueError(f"delta must be in (0, 1), got {delta}")
-        if not (math.isfinite(clip_norm) and clip_norm > 0):
-            raise ValueError(f"clip_norm must be a finite number > 0, got {clip_norm}")
-        if placement not in PLACEMENTS:
-            raise ValueError(f"placement must be one of {PLACEMENTS}, got {placement!r}")
-        if sampling_rate is not None and not 0 < sampling_rate <= 1:
-            raise ValueError(f"sampling_rate must be in (0, 1], got {sampling_rate}")
-        if accountant not in ACCOUNTANTS:
-            raise ValueError(f"accountant must be one of {ACCOUNTANTS}, got {accountant!r}")
-        if mechanism not in MECHANISMS:
-            raise ValueError(f"mechanism must be one of {MECHANISMS}, got {mechanism!r}")
-        if placement == "distributed" and target_epsilon is None:
-            raise ValueError(
-                "placement='distributed' calibrates its integer noise for a target: give "
-                "target_epsilon"
-            )
-        if count_noise_std is not None and not count_noise_std > 0:
-            raise ValueError(f"count_noise_std must be > 0, got {count_noise_std}")
+        check_arguments(
+            target_epsilon=target_epsilon,
+            noise_multiplier=noise_multiplier,
+            delta=delta,
+            clip_norm=clip_norm,
+            placement=placement,
+            sampling_rate=sampling_rate,
+            accountant=accountant,
+            mechanism=mechanism,
+            count_noise_std=count_noise_std,
+            expected_clients=expected_clients,
+        )
         self.adaptive = (
             AdaptiveClipping(target_quantile, clip_learning_rate) if (adaptive_clipping) else None
         )
         self.secure = strategy if isinstance(strategy, SecureAggregation) else None
-        _check_inner(strategy, self.secure, placement, adaptive_clipping, sampling_rate)
+        check_inner(strategy, self.secure, placement, adaptive_clipping, sampling_rate)
         self.target_epsilon, self.fixed_noise_multiplier = target_epsilon, noise_multiplier
         self.delta, self.initial_clip_norm = delta, clip_norm
         self.count_noise_std, self.placement = count_noise_std, placement
         self.sampling_rate, self.accountant, self.seed = sampling_rate, accountant, seed
         self.mechanism = mechanism
-        if expected_clients is not None and not expected_clients > 0:
-            raise ValueError(f"expected_clients must be > 0, got {expected_clients}")
         self.fixed_expected_clients = expected_clients
         if seed is not None:
             log(
@@ -513,124 +492,3 @@ class ClientLevelDP(StrictRounds):
         """Each node independently with probability q (CSPRNG-seeded generator)."""
         q = self.accounted_sampling_rate
         return sorted(n for n in nodes if self._rng.random() < q)
-
-    def _reply_problem(self, reply: Message) -> str | None:
-        problem = super()._reply_problem(reply)
-        if problem is not None or self.placement != "client":
-            return problem
-        metrics = [r for r in reply.content.metric_records.values() if wire.UNCLIPPED in r]
-        if not metrics or metrics[0][wire.UNCLIPPED] not in (0, 1):
-            return (
-                f"no {wire.UNCLIPPED!r} metric of 0 or 1: is client_clipping_mod in the "
-                "ClientApp, as ClientApp(mods=[client_clipping_mod])?"
-            )
-        delta = self._delta(reply)
-        self._checked_deltas[id(reply)] = (delta, bool(metrics[0][wire.UNCLIPPED]))
-        norm = float(np.linalg.norm(delta))
-        if norm > self.clip_norm * (1 + _CLIP_SLACK) + 1e-6 * self._global_norm:
-            return f"update norm {norm:.6g} exceeds the clip norm {self.clip_norm:.6g}"
-        return None
-
-    def _delta(self, reply: Message) -> np.ndarray:
-        """The reply's update: its weights minus the global ones, flat, in float64."""
-        assert self._global is not None
-        local = next(iter(reply.content.array_records.values()))
-        flat = np.concatenate(
-            [local[k].numpy().astype(np.float64).reshape(-1) for k in self._global.keys()]
-        )
-        return flat - self._global_flat
-
-    def _aggregate_in_the_clear(self, server_round: int, replies: Iterable[Message]) -> ArrayRecord:
-        usable = self._usable_replies(
-            server_round, replies, minimum=0 if self.empty_rounds_aggregate else None
-        )
-        assert self._global is not None
-        total = np.zeros(self._global_flat.size)
-        unclipped = 0
-        for reply in usable:
-            if self.placement == "client":
-                # Checked by _reply_problem; re-clipping only removes float32 slack.
-                delta, fitted = self._checked_deltas.pop(id(reply))
-                clipped, _ = clip_l2(delta, self.clip_norm)
-            else:
-                clipped, was_clipped = clip_l2(self._delta(reply), self.clip_norm)
-                fitted = not was_clipped
-            unclipped += fitted
-            total += clipped
-        mean_delta = self._noisy_mean(total / self.expected_clients)
-        # The inner strategy's own metrics are aggregates of clients' un-noised
-        # metrics: they are not released.
-        arrays, _ = self._aggregate_as_one_reply(
-            server_round, add_flat(self._global, mean_delta), weight=1
-        )
-        self._update_clip(unclipped, len(usable))
-        return arrays
-
-    def _noisy_mean(self, mean_delta: np.ndarray) -> np.ndarray:
-        """Mean of clipped updates (sum over m) plus N(0, (z_Δ·C/m)²) per coordinate."""
-        assert self.expected_clients is not None and self.update_noise_multiplier is not None
-        std = self.update_noise_multiplier * self.clip_norm / self.expected_clients
-        return add_gaussian_noise(mean_delta, std, self._rng)
-
-    def _update_clip(self, unclipped: int, participants: int) -> None:
-        if self.adaptive is None:
-            return
-        sigma_b = self.count_noise_std_in_use
-        noise = float(snap(np.array([self._rng.normal(0.0, sigma_b)]), sigma_b)[0])
-        assert self.expected_clients is not None
-        fraction = noisy_unclipped_fraction(unclipped, participants, self.expected_clients, noise)
-        self._unclipped_fraction = fraction
-        self.clip_norm = self.adaptive.next_clip_norm(self.clip_norm, fraction)
-
-
-def _check_inner(
-    strategy: Strategy,
-    secure: SecureAggregation | None,
-    placement: str,
-    adaptive: bool,
-    sampling_rate: float | None,
-) -> None:
-    if secure is None:
-        if placement == "distributed":
-            raise TypeError(
-                "placement='distributed' needs a SecureAggregation(..., weighting='uniform') "
-                "as the inner strategy: the noise shares only add up inside secure aggregation"
-            )
-        if type(strategy) not in MEAN_STRATEGIES:
-            raise TypeError(
-                f"ClientLevelDP needs a mean-based inner strategy (FedAvg, FedAvgM, FedProx, "
-                f"FedAdam, FedYogi, FedAdagrad), got {type(strategy).__name__}: the noise "
-                "bounds a mean of clipped updates"
-            )
-        return
-    if placement != "distributed":
-        raise TypeError(
-            f"SecureAggregation inside ClientLevelDP needs placement='distributed', got "
-            f"{placement!r}: the server cannot clip masked updates, and secure aggregation's "
-            "fixed-point rounding adds up to sqrt(d)/scale to each update's norm beyond the "
-            "clip norm server noise would be calibrated for; the distributed encoding bounds "
-            "the rounded norm exactly"
-        )
-    if secure.weighting != "uniform":
-        raise ValueError(
-            "client-level DP needs uniform client weights (example counts are data and break "
-            "the sensitivity bound): build SecureAggregation(..., weighting='uniform')"
-        )
-    if secure.uniform_denominator is not None:
-        raise ValueError(
-            "client-level DP divides the noisy sum by its own expected client count m: build "
-            "SecureAggregation(..., weighting='uniform') without uniform_denominator"
-        )
-    if adaptive:
-        raise ValueError(
-            "adaptive clipping with distributed noise needs a noisy count of unclipped "
-            "clients summed inside secure aggregation, which is not supported yet: use fixed "
-            "clipping (adaptive_clipping=False)"
-        )
-    if sampling_rate is not None:
-        raise ValueError(
-            "placement='distributed' protects against the server, which picks the cohort "
-            "and sees who answers: amplification by sampling does not hold against it, so "
-            "the accounting takes q=1. Leave sampling_rate=None (the inner strategy's "
-            "cohort trains)"
-        )
