@@ -65,13 +65,13 @@ def make_private(strategy: Strategy, config: PrivacyConfig | str) -> StrictRound
 def _secure(strategy: Strategy, config: PrivacyConfig) -> SecureAggregation:
     groups = SECAGG_GROUPS in config.mechanisms
     distributed = DP_DISTRIBUTED in config.mechanisms
-    options: dict = {}
+    # The seed makes cohorts (and groups) reproducible: experiments only.
+    options: dict = {"selection_seed": config.selection_seed}
     if groups:
-        options = {
+        options |= {
             "group_size": config.group_size,
             "selection": config.selection,
             "sampling_rate": config.group_sampling_rate,
-            "selection_seed": config.selection_seed,
         }
     if distributed:
         # Client-level DP: uniform weights (example counts are data) and noise
@@ -114,3 +114,22 @@ def _encrypted(strategy: Strategy, config: PrivacyConfig) -> EncryptedFedAvg:
         precision_bits=config.he_precision_bits,
         save_path=config.he_save_path,
     )
+
+
+def participation_t(strategy: Strategy) -> int | None:
+    """Multi-round privacy T of the rounds so far (``secagg-groups``), else None.
+
+    T is the fewest clients any combination of the rounds' aggregates can isolate,
+    from the participation audit (exact, or its lower bound when the search is cut).
+    Participation is public to the server, so T is too.
+    """
+    layer = strategy
+    while isinstance(layer, StrictRounds):
+        plan = getattr(layer, "plan", None) if isinstance(layer, SecureAggregation) else None
+        if plan is not None:
+            if not plan.history:
+                return None
+            checked = plan.audit()
+            return checked.exact if checked.exact is not None else checked.lower_bound
+        layer = layer.strategy
+    return None
