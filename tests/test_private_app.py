@@ -5,6 +5,7 @@ nodes that require a mechanism refuse weaker requests; the snippet is complete.
 from __future__ import annotations
 
 import tomllib
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -233,3 +234,55 @@ def test_a_requirement_no_node_can_check_is_a_named_node_config_error(required, 
 
 def test_nothing_required_the_mods_are_passive() -> None:
     assert not _refusals(_run("none", {}))
+
+
+# -- make demo's output (the runs faked: no Ray) -----------------------------------------
+
+
+def test_the_demo_prints_rounds_baseline_and_privacy_and_ends_with_the_final_accuracy(
+    monkeypatch,
+) -> None:
+    from typer.testing import CliRunner
+
+    from flower_privacy import cli
+    from flower_privacy.harness import simulation
+    from flower_privacy.harness.flwr_cli import RunOutcome
+
+    asked: list[list[str]] = []
+    private_log = [
+        "INFO : round 1: accuracy 0.500, ε 10.782, T 10",
+        "INFO : some other line",
+        "INFO : privacy: secagg-groups+dp-distributed; client-level (ε=49.997, δ=1e-05)-DP",
+        "INFO : final accuracy: 0.850",
+    ]
+
+    class FakeSimulation:
+        def __enter__(self):  # noqa: ANN204
+            return self
+
+        def __exit__(self, *exc) -> None:  # noqa: ANN002
+            return None
+
+        def run(self, app_dir, federation, *, run_config, echo=None, timeout=0.0):  # noqa: ANN001, ANN201
+            asked.append(run_config)
+            private = run_config[0].endswith("demo.toml")
+            log = private_log if private else ["INFO : final accuracy: 0.958"]
+            for line in log:
+                if echo:
+                    echo(line)
+            return RunOutcome(
+                1, "finished:completed", final_accuracy=0.85 if private else 0.958, log=log
+            )
+
+    monkeypatch.setattr(simulation, "LocalSimulation", FakeSimulation)
+    out = CliRunner().invoke(cli.app, ["demo"])
+    assert out.exit_code == 0, out.output
+    assert [Path(r[0]).name for r in asked] == ["demo-baseline.toml", "demo.toml"]
+    lines = out.output.strip().splitlines()
+    assert "round 1: accuracy 0.500, ε 10.782, T 10" in out.output
+    assert "some other line" not in out.output
+    assert "accuracy: private 0.850 vs plain baseline 0.958" in lines
+    assert lines[-2].startswith("privacy: secagg-groups+dp-distributed; client-level (ε=49.997")
+    assert lines[-1] == "final accuracy: 0.850"
+    demo = tomllib.loads((REPO_ROOT / "configs" / "run" / "demo.toml").read_text())
+    assert demo["privacy"] == "secagg-groups+dp-distributed"
