@@ -19,7 +19,7 @@ from digits_app.privacy import mechanisms, privacy_config, privacy_name
 from digits_app.task import Net, evaluate, load_server_test, model_shape
 from flower_privacy import make_private
 from flower_privacy.private.config import ROUND_TIMEOUT
-from flower_privacy.private.matrix import CLIENT_LEVEL_DP, DP_SGD, HE
+from flower_privacy.private.matrix import CLIENT_LEVEL_DP, DP_SGD, HE, MECHANISMS
 from flower_privacy.private.server import participation_t
 from flower_privacy.strategies import PrivacyResult, StrictRounds
 
@@ -28,15 +28,7 @@ from flower_privacy.strategies import PrivacyResult, StrictRounds
 # client-level DP makes the model itself private; DP-SGD protects each client's
 # examples inside its own update. "he" is absent: the server holds only the encrypted
 # model (federated evaluation only). "none" stands for no mechanism.
-SERVER_SEES_MODEL = {
-    "none",
-    "secagg",
-    "secagg-groups",
-    "dp-central",
-    "dp-client",
-    "dp-distributed",
-    "dp-sgd",
-}
+SERVER_SEES_MODEL = {"none", *MECHANISMS} - {HE}
 
 app = ServerApp()
 
