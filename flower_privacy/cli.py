@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import re
 import sys
 import time
 from collections.abc import Iterator
@@ -90,13 +89,6 @@ def simulate(
     _report(outcome, started)
 
 
-# The demo's lines worth showing: each round's figures, the noise plan, the verdicts.
-_DEMO_LINES = re.compile(
-    r"round \d+: accuracy|privacy: |ClientLevelDP: .*noise|ERROR|FAILED|halted|final accuracy"
-)
-_PRIVACY_LINE = re.compile(r"privacy: (.*)")
-
-
 @app.command()
 def demo(
     timeout: Annotated[float, typer.Option(help="Seconds before each run is stopped.")] = 900.0,
@@ -107,53 +99,26 @@ def demo(
     plain FedAvg baseline (configs/run/demo-baseline.toml), then the private run
     (configs/run/demo.toml), printing each round's accuracy, ε and T.
     """
-    from flower_privacy.harness.simulation import LocalSimulation
+    from flower_privacy.harness.demo import DemoFailedError, run_demo
 
     if not DEMO_APP.is_dir():
         typer.secho(f"the demo app is not at {DEMO_APP}: run from a checkout", fg="red", err=True)
         raise typer.Exit(code=2)
     started = time.monotonic()
-    federation = load_federation_preset(find_preset("cpu-10"))
-    runs = {name: str(find_preset(name, kind="run")) for name in ("demo-baseline", "demo")}
-    with _user_errors(GpuUnavailableError), LocalSimulation() as sim:
-        typer.echo("baseline: plain FedAvg (privacy none), same data and seed ...")
-        baseline = sim.run(
-            DEMO_APP, federation, run_config=[runs["demo-baseline"]], timeout=timeout
-        )
-        _check_completed(baseline)
-        typer.echo(f"baseline final accuracy: {baseline.final_accuracy:.3f}")
-        typer.echo("private: secure aggregation with groups + distributed client-level DP ...")
-        private = sim.run(
-            DEMO_APP, federation, run_config=[runs["demo"]], echo=_demo_echo, timeout=timeout
-        )
-        _check_completed(private)
-    assert baseline.final_accuracy is not None and private.final_accuracy is not None
-    summary = next(
-        (m.group(1) for line in reversed(private.log) if (m := _PRIVACY_LINE.search(line))),
-        "no privacy summary logged",
-    )
+    try:
+        with _user_errors(GpuUnavailableError):
+            result = run_demo(DEMO_APP, echo=_echo, timeout=timeout)
+    except DemoFailedError as err:
+        typer.echo("\n".join(err.outcome.log[-40:]))
+        typer.secho(f"error: {err}", fg=typer.colors.RED, err=True)
+        raise typer.Exit(code=1) from None
     typer.echo(f"both runs completed in {time.monotonic() - started:.1f} s")
     typer.echo(
-        f"accuracy: private {private.final_accuracy:.3f} vs plain baseline "
-        f"{baseline.final_accuracy:.3f}"
+        f"accuracy: private {result.private_accuracy:.3f} vs plain baseline "
+        f"{result.baseline_accuracy:.3f}"
     )
-    typer.echo(f"privacy: {summary}")
-    typer.echo(f"final accuracy: {private.final_accuracy:.3f}")
-
-
-def _demo_echo(line: str) -> None:
-    if _DEMO_LINES.search(line) and "final accuracy" not in line:
-        typer.echo(line)
-
-
-def _check_completed(outcome: RunOutcome) -> None:
-    """Exit non-zero, with the run's last lines, unless it completed with an accuracy."""
-    if outcome.completed and outcome.final_accuracy is not None:
-        return
-    typer.echo("\n".join(outcome.log[-40:]))
-    reason = outcome.fatal_reason or outcome.details or "no 'final accuracy' line"
-    typer.secho(f"run {outcome.run_id} did not complete: {reason}", fg="red", err=True)
-    raise typer.Exit(code=1)
+    typer.echo(f"privacy: {result.summary}")
+    typer.echo(f"final accuracy: {result.private_accuracy:.3f}")
 
 
 @app.command()
