@@ -234,3 +234,30 @@ def test_the_readme_holds_the_matrix_and_its_reasons() -> None:
 def test_a_bad_parameter_is_named(kwargs, message) -> None:
     with pytest.raises(ValueError, match=message):
         PrivacyConfig(**kwargs)
+
+
+def test_dp_sgd_under_secure_aggregation_in_the_digits_app() -> None:
+    """The dp-sgd cells are app code: the digits app's Opacus training under secagg."""
+    import tomllib
+
+    from conftest import DIGITS_APP
+    from digits_app import server_app
+    from digits_app.client_app import DP_SGD_STATE
+    from digits_app.client_app import app as digits_client
+
+    defaults = tomllib.loads((DIGITS_APP / "pyproject.toml").read_text())["tool"]["flwr"]
+    cfg = {
+        **defaults["app"]["config"],
+        "privacy": "secagg+dp-sgd",
+        "num-server-rounds": 1,
+        "min-nodes": 3,
+        "local-epochs": 1,
+        "partitioner": "iid",
+    }
+    grid = InProcessGrid(digits_client, num_nodes=3, run_config=cfg)
+    grid.run_server_app(server_app.app)
+    replies = [e.message for e in grid.transcript if e.direction == "from-node"]
+    uploads = [m for m in replies if secagg_wire.UPLOAD in secagg_wire.stages_of(m.content)]
+    assert len(uploads) == 3 and not any(m.content.array_records for m in uploads)
+    # Each node trained with DP-SGD: its accountant history is in its state.
+    assert all(DP_SGD_STATE in context.state for context in grid.contexts.values())

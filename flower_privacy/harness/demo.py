@@ -18,7 +18,7 @@ from flower_privacy.harness.presets import find_preset, load_federation_preset
 
 BASELINE, PRIVATE = "demo-baseline", "demo"
 # The private run's lines worth showing: each round's figures, the noise plan, verdicts.
-_SHOWN = re.compile(r"round \d+: accuracy|privacy: |ClientLevelDP: .*noise|ERROR|FAILED|halted")
+_SHOWN = re.compile(r"round \d+: accuracy|ClientLevelDP: \w+ noise, scale|ERROR|FAILED|halted")
 _SUMMARY = re.compile(r"privacy: (.*)")
 
 
