@@ -232,6 +232,17 @@ def test_a_requirement_no_node_can_check_is_a_named_node_config_error(required, 
     assert reply.has_error() and message in reply.error.reason and REQUIRED in reply.error.reason
 
 
+def test_a_node_that_requires_encryption_refuses_a_plaintext_model() -> None:
+    app = make_toy_client_app(app=ClientApp(mods=flower_privacy.client_mods()))
+    grid = InProcessGrid(app, num_nodes=1, node_configs=[{REQUIRED: "he"}])
+    for message_type in ("train", "evaluate"):
+        request = grid.create_message(
+            RecordDict({"arrays": initial_arrays()}), message_type, grid.get_node_ids()[0], ""
+        )
+        (reply,) = grid.send_and_receive([request], timeout=10.0)
+        assert reply.has_error() and "requires encryption" in reply.error.reason
+
+
 def test_nothing_required_the_mods_are_passive() -> None:
     assert not _refusals(_run("none", {}))
 
