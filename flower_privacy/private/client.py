@@ -28,16 +28,8 @@ from flower_privacy import _secagg_wire as secagg_wire
 from flower_privacy.dp.distributed import ENCODING
 from flower_privacy.mods import EncryptionMod, client_clipping_mod, secagg_mod
 from flower_privacy.mods.encryption_mod import ContextLocator, EncryptionRule
+from flower_privacy.private import matrix
 from flower_privacy.private.config import parse_mechanisms
-from flower_privacy.private.matrix import (
-    APP_CODE,
-    DP_CENTRAL,
-    DP_CLIENT,
-    DP_DISTRIBUTED,
-    HE,
-    SECAGG_GROUPS,
-    SECURE_SUMS,
-)
 from flower_privacy.secagg import floors
 
 # Node config key: the mechanisms this node requires (a PrivacyConfig name).
@@ -60,14 +52,14 @@ def required_mechanisms(node_config: Mapping[str, object]) -> frozenset[str]:
         mechanisms = parse_mechanisms(str(raw))
     except ValueError as err:
         raise ValueError(f"node config {REQUIRED}: {err}") from None
-    if DP_CENTRAL in mechanisms:
+    if matrix.DP_CENTRAL in mechanisms:
         raise ValueError(
             f"node config {REQUIRED}: a node cannot check dp-central (the server clips and "
             "adds noise where the node cannot see): require dp-client or dp-distributed"
         )
-    if mechanisms & APP_CODE:
+    if mechanisms & matrix.APP_CODE:
         raise ValueError(
-            f"node config {REQUIRED}: {sorted(mechanisms & APP_CODE)} is the app's own "
+            f"node config {REQUIRED}: {sorted(mechanisms & matrix.APP_CODE)} is the app's own "
             "training code, not a mod's: a node enforces it by running that code"
         )
     return mechanisms
@@ -77,12 +69,12 @@ def floors_for(node_config: Mapping[str, object]) -> dict[str, object]:
     """``node_config`` with the secure aggregation floors its requirement implies."""
     mechanisms = required_mechanisms(node_config)
     config = dict(node_config)
-    if mechanisms & SECURE_SUMS:
+    if mechanisms & matrix.SECURE_SUMS:
         config[floors.REQUIRED] = True
-    if SECAGG_GROUPS in mechanisms:
+    if matrix.SECAGG_GROUPS in mechanisms:
         given = int(config.get(floors.MIN_GROUP_SIZE, 0))  # type: ignore[arg-type]
         config[floors.MIN_GROUP_SIZE] = max(given, _MIN_GROUP_SIZE)
-    if DP_DISTRIBUTED in mechanisms:
+    if matrix.DP_DISTRIBUTED in mechanisms:
         noise = float(config.get(floors.MIN_NOISE_MULTIPLIER, 0.0))  # type: ignore[arg-type]
         if not noise > 0:
             raise ValueError(
@@ -101,7 +93,7 @@ def requirement_mod(msg: Message, context: Context, call_next: CallNext) -> Mess
     mechanisms = required_mechanisms(node_config)
     if not mechanisms:
         return call_next(msg, context)
-    if DP_CLIENT in mechanisms and (problem := _unclipped_request(msg)):
+    if matrix.DP_CLIENT in mechanisms and (problem := _unclipped_request(msg)):
         log(ERROR, "%s: node %s refused: %s", MOD_NAME, context.node_id, problem)
         return _refusal(msg, problem)
     # A copy that shares the node's state: the later mods enforce the implied floors.
@@ -156,7 +148,7 @@ def client_mods(
     """
 
     def encryption_required(context: Context) -> bool:
-        if HE in required_mechanisms(context.node_config):
+        if matrix.HE in required_mechanisms(context.node_config):
             return True
         return bool(require_encryption(context)) if require_encryption else False
 
