@@ -31,10 +31,15 @@ def test_card_has_every_section(card) -> None:
     assert not missing, f"{card.name} lacks {missing}"
 
 
+@pytest.mark.parametrize("variant", ["make_private", "drop-in"])
 @pytest.mark.parametrize("card", CARDS, ids=lambda p: p.stem)
-def test_card_snippet_runs(card) -> None:
+def test_card_snippet_runs(card, variant) -> None:
+    """The card's last snippet (``make_private``) runs; so does its older drop-in."""
     snippets = re.findall(r"```python\n(.*?)```", card.read_text(), flags=re.DOTALL)
     assert snippets, f"{card.name} has no python snippet"
+    assert "make_private" in snippets[-1], f"{card.name}: its last snippet uses make_private"
+    if variant == "drop-in":
+        snippets = [s for s in snippets if "make_private" not in s]
     namespace: dict = {}
     exec(compile("\n".join(snippets), str(card), "exec"), namespace)
     strategy = namespace["strategy"]

@@ -53,6 +53,7 @@ _PUBLIC_SECAGG_METRICS = (
     wire_secagg.METRIC_CLIENTS,
     wire_secagg.METRIC_DROPPED,
     wire_secagg.METRIC_EXCLUDED,
+    wire_secagg.METRIC_PRIVACY_T,  # from participation alone
 )
 
 

@@ -10,15 +10,20 @@ from __future__ import annotations
 from flwr.app import ArrayRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
-from digits_app.he_keys import encryption_mod
-from flower_privacy.mods import client_clipping_mod, secagg_mod
+from digits_app import he_keys
+from digits_app.privacy import mechanisms
+from flower_privacy import client_mods
 
-# secagg_mod answers secure aggregation stages and passes everything else through;
-# client_clipping_mod clips the update when the server asks (client-level DP, "client"
-# placement) and is a no-op otherwise; encryption_mod (first, so that the others only
-# ever see plaintext) decrypts the global model and encrypts the update when the
-# server sends an encrypted model (privacy "he") and passes everything else through.
-app = ClientApp(mods=[encryption_mod, secagg_mod, client_clipping_mod])
+# The mods of every privacy configuration, each passive for messages not its own; a
+# node's node config `privacy-required` makes them refuse weaker requests. The digits
+# app finds its HE secret context in the simulation key folder too, and in a run that
+# names "he" refuses plaintext models.
+app = ClientApp(
+    mods=client_mods(
+        he_context=he_keys.locate_client_context,
+        require_encryption=he_keys.requires_encryption,
+    )
+)
 
 
 def _data(context: Context):  # noqa: ANN202
@@ -54,7 +59,7 @@ def train_fn(msg: Message, context: Context) -> Message:
     train_data, _ = _data(context)
     net = _model(msg, context)
     cfg = context.run_config
-    if str(cfg.get("privacy", "none")) == "dp-sgd":
+    if "dp-sgd" in mechanisms(cfg):
         return _train_dp_sgd(msg, context, net, train_data)
     server_round = int(msg.content["config"].get("server-round", 0))
     loss = train(

@@ -30,7 +30,6 @@ from flwr.common import log
 
 from flower_privacy import _he_wire as wire
 from flower_privacy import he
-from flower_privacy.mods import EncryptionMod
 
 if TYPE_CHECKING:  # server side only: ClientApp processes never import the strategies
     from flwr.serverapp.strategy import Strategy
@@ -84,53 +83,53 @@ def _limits(cfg: dict) -> he.DeclaredLimits:
     )
 
 
-def build_strategy(
-    inner: Strategy, cfg: dict, run_id: int, *, simulation: bool = False
-) -> EncryptedFedAvg:
-    """``EncryptedFedAvg`` over ``inner``.
+def server_context(cfg: dict, run_id: int, *, simulation: bool = False) -> tuple[str, Path]:
+    """``(server.ctx path, where the encrypted final model goes)`` for an ``he`` run.
 
     Without ``he-server-context`` it generates the keys, but only when ``simulation``
     (the caller saw a simulation grid) and run config ``he-simulation-keys`` is true;
     otherwise it raises :class:`~flower_privacy.he.HEConfigError`.
     """
     limits = _limits(cfg)
-    server_context = str(cfg.get("he-server-context", ""))
-    if server_context:
-        save_path = Path(server_context).with_name(FINAL_MODEL)
-    elif not (simulation and simulation_keys_allowed(cfg)):
+    path = str(cfg.get("he-server-context", ""))
+    if path:
+        return path, Path(path).with_name(FINAL_MODEL)
+    if not (simulation and simulation_keys_allowed(cfg)):
         raise he.HEConfigError(NO_SERVER_CONTEXT)
-    else:
-        key_dir = simulation_key_dir(run_id)
-        params = he.derive_parameters(str(cfg.get("he-preset", he.DEFAULT_PRESET)), limits)
-        client_ctx, server_ctx = he.generate_keys(key_dir, params, overwrite=True)
-        log(
-            WARNING,
-            "simulation only: the ServerApp generated %s keys in %s (clients read %s); "
-            "the folder stays after the run (secret key and encrypted final model): "
-            "delete it when done",
-            params.scheme,
-            key_dir,
-            client_ctx.name,
-        )
-        server_context, save_path = str(server_ctx), key_dir / FINAL_MODEL
-    from flower_privacy.strategies import EncryptedFedAvg
-
-    strategy = EncryptedFedAvg(
-        inner,
-        server_context=server_context,
-        max_clients=limits.max_clients,
-        max_weight=limits.max_weight,
-        clip_range=limits.clip_range,
-        precision_bits=limits.precision_bits,
-        save_path=save_path,
+    key_dir = simulation_key_dir(run_id)
+    params = he.derive_parameters(str(cfg.get("he-preset", he.DEFAULT_PRESET)), limits)
+    client_ctx, server_ctx = he.generate_keys(key_dir, params, overwrite=True)
+    log(
+        WARNING,
+        "simulation only: the ServerApp generated %s keys in %s (clients read %s); "
+        "the folder stays after the run (secret key and encrypted final model): "
+        "delete it when done",
+        params.scheme,
+        key_dir,
+        client_ctx.name,
     )
+    return str(server_ctx), key_dir / FINAL_MODEL
+
+
+def build_strategy(
+    inner: Strategy, cfg: dict, run_id: int, *, simulation: bool = False
+) -> EncryptedFedAvg:
+    """``make_private(inner, "he")`` with the keys of :func:`server_context`."""
+    import dataclasses
+
+    from digits_app.privacy import privacy_config
+    from flower_privacy import make_private
+
+    path, save_path = server_context(cfg, run_id, simulation=simulation)
+    config = privacy_config({**cfg, "privacy": "he"}, he_server_context=path)
+    strategy = make_private(inner, dataclasses.replace(config, he_save_path=str(save_path)))
     log(
         INFO,
         "the encrypted final model is written to %s (decrypt with "
         "`flower-privacy he decrypt` and client.ctx)",
         save_path,
     )
-    return strategy
+    return strategy  # type: ignore[return-value]
 
 
 def locate_client_context(context: Context) -> Path:
@@ -149,11 +148,7 @@ def locate_client_context(context: Context) -> Path:
 
 
 def requires_encryption(context: Context) -> bool:
-    """A run with ``privacy = "he"`` never sends or accepts a plaintext model."""
-    return str(context.run_config.get("privacy", "none")) == "he"
+    """A run whose privacy names ``he`` never sends or accepts a plaintext model."""
+    from digits_app.privacy import mechanisms
 
-
-encryption_mod = EncryptionMod(locate_client_context, require_encryption=requires_encryption)
-"""The digits app's encryption mod: in a ``privacy = "he"`` run (or on a node with
-``he-context``) it refuses plaintext train and evaluate messages; otherwise it passes
-every non-HE message through."""
+    return "he" in mechanisms(context.run_config)

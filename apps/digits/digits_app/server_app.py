@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import random
 from collections.abc import Callable
 from logging import INFO
@@ -10,25 +11,24 @@ import torch
 from flwr.app import ArrayRecord, ConfigRecord, Context, MetricRecord, RecordDict
 from flwr.common import log
 from flwr.serverapp import Grid, ServerApp
-from flwr.serverapp.strategy import FedAvg, Strategy
+from flwr.serverapp.strategy import FedAvg, Result, Strategy
 
 from digits_app import he_keys
 from digits_app.dp_sgd import METRIC_DELTA, METRIC_EPSILON, DpSgdConfig
+from digits_app.privacy import mechanisms, privacy_config, privacy_name
 from digits_app.task import Net, evaluate, load_server_test, model_shape
-from flower_privacy.strategies import (
-    ClientLevelDP,
-    PrivacyResult,
-    SecureAggregation,
-    StrictRounds,
-)
+from flower_privacy import make_private
+from flower_privacy.private.config import ROUND_TIMEOUT
+from flower_privacy.private.matrix import CLIENT_LEVEL_DP, DP_SGD, HE, MECHANISMS
+from flower_privacy.private.server import participation_t
+from flower_privacy.strategies import PrivacyResult, StrictRounds
 
-PRIVACY_MODES = ("none", "secagg", "dp-sgd", "dp", "he")
-# Modes in which the server may see the global model (and so evaluate it centrally):
-# secure aggregation hides each client's update, not the aggregate model; client-level
-# DP makes the model itself private.
-# DP-SGD protects each client's examples inside its own update (client-side noise).
-# "he" is absent: the server holds only the encrypted model (federated evaluation only).
-SERVER_SEES_MODEL = {"none", "secagg", "dp-sgd", "dp"}
+# Mechanisms under which the server may see the global model (and so evaluate it
+# centrally): secure aggregation hides each client's update, not the aggregate model;
+# client-level DP makes the model itself private; DP-SGD protects each client's
+# examples inside its own update. "he" is absent: the server holds only the encrypted
+# model (federated evaluation only). "none" stands for no mechanism.
+SERVER_SEES_MODEL = {"none", *MECHANISMS} - {HE}
 
 app = ServerApp()
 
@@ -41,70 +41,28 @@ def build_strategy(
     *,
     simulation: bool = False,
 ) -> StrictRounds:
-    """Wrap ``inner`` in the privacy mechanism named by the run config.
+    """``make_private(inner, ...)`` for the run config, ``privacy`` its privacy name.
 
     ``simulation``: the ServerApp runs on a simulation grid (``he`` may then deal keys).
     """
-    cfg = cfg or {}
-    if privacy == "he":
+    cfg = {**(cfg or {}), "privacy": privacy}
+    if HE in mechanisms(cfg):  # the ServerApp may deal the keys first
         return he_keys.build_strategy(inner, cfg, run_id, simulation=simulation)
-    if privacy == "none":
-        return StrictRounds(inner)
-    if privacy == "secagg":
-        group_size = int(cfg.get("secagg-group-size", 0))
-        selection = str(cfg.get("secagg-selection", "least-used"))
-        return SecureAggregation(
-            inner,
-            clip_range=float(cfg.get("secagg-clip-range", 1.0)),
-            max_weight=int(cfg.get("secagg-max-weight", 1000)),
-            max_clients=int(cfg.get("secagg-max-clients", 100)),
-            group_size=group_size or None,
-            selection=selection,
-            # Reproducible experiments; poisson sampling always uses the OS CSPRNG.
-            selection_seed=None if selection == "poisson" else int(cfg.get("seed", 0)),
-        )
-    if privacy == "dp":
-        return build_client_level_dp(inner, cfg)
-    if privacy == "dp-sgd":
-        # Client-side DP: the server aggregates as usual. Bad keys fail here, before round 1.
+    config = privacy_config(cfg)
+    if config.mechanisms & CLIENT_LEVEL_DP:
+        # Federated evaluation metrics come from clients' data without noise: off. The
+        # server evaluates on its own held-out data instead.
+        inner.fraction_evaluate = 0.0
+    if DP_SGD in config.mechanisms:
+        # Client-side DP: bad keys fail here, before round 1.
         DpSgdConfig.from_run_config(cfg)
         if not hasattr(inner, "train_metrics_aggr_fn"):
             raise TypeError(f"dp-sgd needs a FedAvg-like strategy, got {type(inner).__name__}")
         inner.train_metrics_aggr_fn = max_epsilon(inner.train_metrics_aggr_fn)
-        return StrictRounds(inner)
-    raise ValueError(f"run config 'privacy' must be one of {PRIVACY_MODES}, got {privacy!r}")
-
-
-def build_client_level_dp(inner: FedAvg, cfg: dict) -> ClientLevelDP:
-    """Client-level DP-FedAvg; the noise placement comes from ``dp-placement``.
-
-    Federated evaluation is switched off: its metrics come from clients' data without
-    noise. The server evaluates on its own held-out data instead.
-    """
-    placement = str(cfg.get("dp-placement", "central"))
-    rate = float(cfg.get("dp-sampling-rate", 0.0))
-    target = float(cfg.get("dp-target-epsilon", 0.0))
-    z = float(cfg.get("dp-noise-multiplier", 0.0))
-    inner.fraction_evaluate = 0.0
-    strategy: Strategy = inner
-    if placement == "distributed":
-        strategy = SecureAggregation(
-            inner,
-            weighting="uniform",
-            max_clients=int(cfg.get("secagg-max-clients", 100)),
-            min_train_replies=int(cfg.get("dp-min-clients", 2)),
-        )
-    return ClientLevelDP(
-        strategy,
-        target_epsilon=target or None,
-        noise_multiplier=z or None,
-        delta=float(cfg.get("dp-delta", 1e-5)),
-        clip_norm=float(cfg.get("dp-clip-norm", 0.1)),
-        adaptive_clipping=bool(cfg.get("dp-adaptive-clipping", False)),
-        placement=placement,
-        sampling_rate=rate or None,
-        min_train_replies=1,
-    )
+    # Reproducible experiments; poisson sampling always uses the OS CSPRNG.
+    if config.selection != "poisson":
+        config = dataclasses.replace(config, selection_seed=int(cfg.get("seed", 0)))
+    return make_private(inner, config)
 
 
 MetricsAggregation = Callable[[list[RecordDict], str], MetricRecord]
@@ -190,7 +148,7 @@ def main(grid: Grid, context: Context) -> None:
     )
 
     evaluate_fn = None
-    if privacy in SERVER_SEES_MODEL:
+    if (mechanisms(cfg) or {"none"}) <= SERVER_SEES_MODEL:
         server_test = load_server_test(dataset)
 
         def evaluate_fn(server_round: int, arrays: ArrayRecord) -> MetricRecord:
@@ -199,15 +157,65 @@ def main(grid: Grid, context: Context) -> None:
             loss, accuracy = evaluate(model, server_test)
             return MetricRecord({"loss": loss, "accuracy": accuracy})
 
+    def report_round(server_round: int, result: Result) -> bool:
+        log(INFO, "%s", round_line(server_round, result, participation_t(strategy)))
+        return False  # report only; the strategies stop the run themselves
+
     result = strategy.start(
         grid=grid,
         initial_arrays=ArrayRecord(net.state_dict()),
         num_rounds=int(cfg["num-server-rounds"]),
-        timeout=float(cfg["round-timeout"]),
+        timeout=float(cfg[ROUND_TIMEOUT]),
         train_config=ConfigRecord(),
         evaluate_fn=evaluate_fn,
+        should_stop=report_round,
     )
+    log(INFO, "privacy: %s", privacy_summary(privacy_name(cfg), result, participation_t(strategy)))
     accuracy = final_accuracy(result)
     if accuracy is None:
         raise RuntimeError("the run produced no accuracy: no evaluation succeeded")
     log(INFO, "final accuracy: %.3f", accuracy)
+
+
+def round_line(server_round: int, result: Result, privacy_t: int | None) -> str:
+    """``round r: accuracy A, ε E, T t``: what one round cost and gave (absent: "-")."""
+    central = result.evaluate_metrics_serverapp.get(server_round, {})
+    federated = result.evaluate_metrics_clientapp.get(server_round, {})
+    accuracy = central.get("accuracy", federated.get("eval-acc"))
+    epsilon = result.train_metrics_clientapp.get(server_round, {}).get("dp-epsilon")
+    return (
+        f"round {server_round}: accuracy {_figure(accuracy, '.3f')}, "
+        f"ε {_figure(epsilon, '.3f')}, T {_figure(privacy_t, 'd')}"
+    )
+
+
+def _figure(value: object, spec: str) -> str:
+    return "-" if value is None else format(value, spec)
+
+
+def privacy_summary(name: str, result: Result, privacy_t: int | None) -> str:
+    """One line: the configuration and what it guarantees after the run."""
+    parts = [name]
+    names = set(name.split("+"))
+    rounds = [
+        r
+        for r in result.train_metrics_clientapp
+        if "dp-epsilon" in result.train_metrics_clientapp[r]
+    ]
+    if rounds:
+        last = result.train_metrics_clientapp[max(rounds)]
+        parts.append(
+            f"client-level (ε={last['dp-epsilon']:.3f}, δ={last['dp-delta']:g})-DP after "
+            f"{len(rounds)} round(s), noise multiplier {last['dp-noise-multiplier']:.3f}"
+        )
+    if names & {"secagg", "secagg-groups", "dp-distributed"}:
+        parts.append("the server saw only sums of masked updates")
+    if privacy_t is not None:
+        parts.append(f"no combination of rounds isolates fewer than T={privacy_t} clients")
+    if "he" in names:
+        parts.append("the server held only ciphertexts")
+    if "dp-sgd" in names:
+        parts.append("each client's examples protected by DP-SGD (its ε is in the log)")
+    if len(parts) == 1:
+        parts.append("none: the server saw every client's update")
+    return "; ".join(parts)
