@@ -86,7 +86,7 @@ def make_toy_client_app(
 
 def stage_filter(stage: str, rnd: int | None = None):  # noqa: ANN201
     """A grid message filter: secure aggregation messages of ``stage`` (in round ``rnd``)."""
-    from flower_privacy import _secagg_wire as wire
+    from flower_privacy.wire import secagg as wire
 
     def match(msg: Message) -> bool:
         if stage not in wire.stages_of(msg.content):

@@ -14,7 +14,6 @@ from flwr.app import Array, ArrayRecord, Context, Message, MetricRecord, RecordD
 from flwr.clientapp import ClientApp
 from flwr.serverapp.strategy import FedAvg, FedMedian
 
-from flower_privacy import _secagg_wire as secagg_wire
 from flower_privacy.dp import distributed
 from flower_privacy.dp.accounting import GaussianRounds, epsilon
 from flower_privacy.dp.clipping import AdaptiveClipping, clip_l2, noisy_unclipped_fraction
@@ -23,6 +22,7 @@ from flower_privacy.errors import RunHaltedError
 from flower_privacy.mods import client_clipping_mod, secagg_mod
 from flower_privacy.strategies import ClientLevelDP, SecureAggregation
 from flower_privacy.testing import InProcessGrid
+from flower_privacy.wire import secagg as secagg_wire
 
 N = 10
 

@@ -14,7 +14,6 @@ from flwr.clientapp import ClientApp
 from flwr.serverapp.strategy import FedAdam, FedAvg
 from test_digits_app import DEFAULTS
 
-from flower_privacy import _he_wire as wire
 from flower_privacy import he
 from flower_privacy.errors import RunHaltedError
 from flower_privacy.he.envelope import Envelope
@@ -23,6 +22,7 @@ from flower_privacy.mods.encryption_mod import CANNOT_ENCRYPT
 from flower_privacy.strategies import EncryptedFedAvg, StrictRounds
 from flower_privacy.strategies.encrypted_fedavg import encrypted_model_bytes
 from flower_privacy.testing import InProcessGrid
+from flower_privacy.wire import he as wire
 
 LIMITS = he.DeclaredLimits(max_clients=10, max_weight=100, clip_range=16.0, precision_bits=16)
 DIM = 6000  # two BFV chunks

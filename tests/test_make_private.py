@@ -17,9 +17,6 @@ from flwr.clientapp import ClientApp
 from flwr.serverapp.strategy import FedAvg
 
 from flower_privacy import PrivacyConfig, client_mods, he, make_private
-from flower_privacy import _dp_wire as dp_wire
-from flower_privacy import _he_wire as he_wire
-from flower_privacy import _secagg_wire as secagg_wire
 from flower_privacy.private import matrix
 from flower_privacy.private.matrix import INVALID, MECHANISMS, NOT_YET, VALID
 from flower_privacy.strategies import (
@@ -29,6 +26,9 @@ from flower_privacy.strategies import (
     StrictRounds,
 )
 from flower_privacy.testing import InProcessGrid
+from flower_privacy.wire import dp as dp_wire
+from flower_privacy.wire import he as he_wire
+from flower_privacy.wire import secagg as secagg_wire
 
 TIMEOUT = 30.0
 NODES = 6

@@ -10,12 +10,12 @@ from flwr.app import Array, ArrayRecord, Context, Message, MetricRecord, RecordD
 from flwr.clientapp import ClientApp
 from flwr.serverapp.strategy import FedAvg
 
-from flower_privacy import _secagg_wire as wire
 from flower_privacy.mods import secagg_mod
 from flower_privacy.secagg import audit, groups, selection
 from flower_privacy.secagg.protocol import Refusal
 from flower_privacy.strategies import SecureAggregation
 from flower_privacy.testing import InProcessGrid
+from flower_privacy.wire import secagg as wire
 
 DIM = 6
 

@@ -17,11 +17,11 @@ from flwr.serverapp import Grid, ServerApp
 from flwr.serverapp.strategy import FedAvg
 
 import flower_privacy
-from flower_privacy import _secagg_wire as secagg_wire
 from flower_privacy.errors import RunHaltedError
 from flower_privacy.private import REQUIRED, RUN_CONFIG_KEYS, PrivacyConfig, config_snippet
 from flower_privacy.secagg import floors
 from flower_privacy.testing import InProcessGrid
+from flower_privacy.wire import secagg as secagg_wire
 
 NODES = 6
 SNIPPET = flatten_dict(tomllib.loads(config_snippet()))

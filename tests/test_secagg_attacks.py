@@ -18,7 +18,6 @@ from flwr.clientapp import ClientApp
 from flwr.serverapp.strategy import FedAvg
 from test_secure_aggregation import SHAPES, _expected_mean, _fedavg, _updates_app, _zeros
 
-from flower_privacy import _secagg_wire as wire
 from flower_privacy.errors import RunHaltedError
 from flower_privacy.mods import secagg_mod
 from flower_privacy.secagg import groups, keys, shamir
@@ -27,6 +26,7 @@ from flower_privacy.secagg.protocol import Refusal
 from flower_privacy.secagg.quantize import Quantizer
 from flower_privacy.strategies import SecureAggregation
 from flower_privacy.testing import InProcessGrid
+from flower_privacy.wire import secagg as wire
 
 VICTIM = 1003
 

@@ -69,7 +69,7 @@ def strategy_history(
     strategy: SecureAggregation, grid: InProcessGrid, rounds: int
 ) -> list[list[int]]:
     """The survivors of each round, from what the server sent at unmasking."""
-    from flower_privacy import _secagg_wire as wire
+    from flower_privacy.wire import secagg as wire
 
     seen: dict[int, list[int]] = {}
     for entry in grid.transcript:

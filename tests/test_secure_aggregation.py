@@ -10,12 +10,12 @@ from flwr.app import Array, ArrayRecord, Context, Error, Message, MetricRecord, 
 from flwr.clientapp import ClientApp
 from flwr.serverapp.strategy import FedAdam, FedAvg, FedMedian, Krum
 
-from flower_privacy import _secagg_wire as wire
 from flower_privacy.errors import RunHaltedError
 from flower_privacy.mods import SecAggMod, secagg_mod
 from flower_privacy.secagg.protocol import Refusal
 from flower_privacy.strategies import SecureAggregation
 from flower_privacy.testing import InProcessGrid
+from flower_privacy.wire import secagg as wire
 
 SHAPES = {"conv": (3, 2, 2), "bias": (3,), "fc": (5, 4)}
 

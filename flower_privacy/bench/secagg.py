@@ -24,7 +24,6 @@ from flwr.clientapp import ClientApp
 from flwr.serverapp.strategy import FedAvg
 
 from flower_privacy import _flwr_compat as compat
-from flower_privacy import _secagg_wire as wire
 from flower_privacy.mods import secagg_mod
 from flower_privacy.secagg import graph
 from flower_privacy.secagg import protocol as proto
@@ -32,6 +31,7 @@ from flower_privacy.secagg.prg import expand_mask
 from flower_privacy.secagg.quantize import Quantizer
 from flower_privacy.strategies import SecureAggregation
 from flower_privacy.testing import InProcessGrid
+from flower_privacy.wire import secagg as wire
 
 ROUNDS = 4
 _REPO = Path(__file__).resolve().parents[2]

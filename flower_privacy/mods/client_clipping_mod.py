@@ -14,10 +14,10 @@ from collections.abc import Callable
 import numpy as np
 from flwr.app import ArrayRecord, Context, Error, Message, MetricRecord, RecordDict
 
-from flower_privacy import _dp_wire as wire
 from flower_privacy import _flwr_compat as compat
 from flower_privacy._arrays import add_flat
 from flower_privacy.dp.clipping import clip_l2
+from flower_privacy.wire import dp as wire
 
 
 def client_clipping_mod(

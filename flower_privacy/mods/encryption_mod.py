@@ -36,8 +36,8 @@ from flwr.app import Array, ArrayRecord, Context, Error, Message, RecordDict
 from flwr.common import log
 
 from flower_privacy import _flwr_compat as compat
-from flower_privacy import _he_wire as wire
 from flower_privacy import he
+from flower_privacy.wire import he as wire
 
 ContextLocator = Callable[[Context], "str | os.PathLike[str] | None"]
 EncryptionRule = Callable[[Context], bool]

@@ -18,10 +18,10 @@ from flwr.app import ConfigRecord, Context, Error, Message, RecordDict
 from flwr.common import log
 
 from flower_privacy import _flwr_compat as compat
-from flower_privacy import _secagg_wire as wire
 from flower_privacy.dp.distributed import ENCODING, DistributedNoiseEncoding
 from flower_privacy.secagg import protocol, signing
 from flower_privacy.secagg.quantize import Quantizer
+from flower_privacy.wire import secagg as wire
 
 _STATE_KEY = "flower-privacy.secagg"
 

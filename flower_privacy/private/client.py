@@ -22,15 +22,15 @@ from logging import ERROR
 from flwr.app import Context, Error, Message
 from flwr.common import log
 
-from flower_privacy import _dp_wire as dp_wire
 from flower_privacy import _flwr_compat as compat
-from flower_privacy import _secagg_wire as secagg_wire
 from flower_privacy.dp.distributed import ENCODING
 from flower_privacy.mods import EncryptionMod, client_clipping_mod, secagg_mod
 from flower_privacy.mods.encryption_mod import ContextLocator, EncryptionRule
 from flower_privacy.private import matrix
 from flower_privacy.private.config import parse_mechanisms
 from flower_privacy.secagg import floors
+from flower_privacy.wire import dp as dp_wire
+from flower_privacy.wire import secagg as secagg_wire
 
 # Node config key: the mechanisms this node requires (a PrivacyConfig name).
 REQUIRED = "privacy-required"

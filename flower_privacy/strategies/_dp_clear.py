@@ -12,10 +12,10 @@ from collections.abc import Iterable
 import numpy as np
 from flwr.app import ArrayRecord, Message
 
-from flower_privacy import _dp_wire as wire
 from flower_privacy._arrays import add_flat
 from flower_privacy.dp.clipping import clip_l2, noisy_unclipped_fraction
 from flower_privacy.dp.noise import add_gaussian_noise, snap
+from flower_privacy.wire import dp as wire
 
 # Relative slack for a client-clipped update whose weights went through float32.
 _CLIP_SLACK = 1e-3

@@ -21,10 +21,10 @@ from flwr.serverapp.strategy import (
     Strategy,
 )
 
-from flower_privacy import _secagg_wire as wire
 from flower_privacy.dp.distributed import DistributedNoiseEncoding
 from flower_privacy.errors import RoundFailedError
 from flower_privacy.secagg.protocol import RoundResult
+from flower_privacy.wire import secagg as wire
 
 # Aggregation is a (weighted) mean of the replies: a sum is all they need.
 MEAN_STRATEGIES = (FedAvg, FedAvgM, FedProx, FedAdam, FedYogi, FedAdagrad)

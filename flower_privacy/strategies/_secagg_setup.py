@@ -13,11 +13,11 @@ from logging import WARNING
 from flwr.common import log
 from flwr.serverapp.strategy import Strategy
 
-from flower_privacy import _secagg_wire as wire
 from flower_privacy.errors import RoundFailedError
 from flower_privacy.secagg import protocol
 from flower_privacy.secagg.multiround import GroupPlan
 from flower_privacy.strategies._stage_exchange import StageExchange
+from flower_privacy.wire import secagg as wire
 
 
 def cohort_size(inner: Strategy, population: int) -> int:

@@ -14,9 +14,9 @@ from flwr.app import Message, RecordDict
 from flwr.common import log
 from flwr.serverapp import Grid
 
-from flower_privacy import _secagg_wire as wire
 from flower_privacy.errors import RoundFailedError
 from flower_privacy.secagg.protocol import Refusal
+from flower_privacy.wire import secagg as wire
 
 
 @dataclass(frozen=True)

@@ -28,8 +28,6 @@ from flwr.common import log
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import Strategy
 
-from flower_privacy import _dp_wire as wire
-from flower_privacy import _secagg_wire as wire_secagg
 from flower_privacy.dp.accounting import (
     GaussianRounds,
     adaptive_update_noise,
@@ -45,6 +43,8 @@ from flower_privacy.strategies._dp_checks import check_arguments, check_inner
 from flower_privacy.strategies._dp_clear import InTheClear
 from flower_privacy.strategies.secure_aggregation import SecureAggregation
 from flower_privacy.strategies.strict_rounds import StrictRounds
+from flower_privacy.wire import dp as wire
+from flower_privacy.wire import secagg as wire_secagg
 
 # Conditional randomised rounding's β (Kairouz et al. 2021; their experiments' e^-1/2).
 _BETA = math.exp(-0.5)

@@ -22,11 +22,11 @@ from flwr.common import log
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import FedAvg, FedProx, Result, Strategy
 
-from flower_privacy import _he_wire as wire
 from flower_privacy import he
 from flower_privacy.errors import RoundFailedError, RunHaltedError
 from flower_privacy.strategies.result import PrivacyResult
 from flower_privacy.strategies.strict_rounds import StrictRounds
+from flower_privacy.wire import he as wire
 
 # Inner strategies whose aggregate is the weighted mean of the replies and that need
 # nothing else from them: the server can only add ciphertexts.

@@ -20,7 +20,6 @@ from flwr.common import log
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import Strategy
 
-from flower_privacy import _secagg_wire as wire
 from flower_privacy._arrays import add_flat
 from flower_privacy.dp.distributed import DistributedNoiseEncoding
 from flower_privacy.errors import RoundFailedError
@@ -41,6 +40,7 @@ from flower_privacy.strategies._secagg_setup import (
 )
 from flower_privacy.strategies._stage_exchange import RefusalEvent, StageExchange
 from flower_privacy.strategies.strict_rounds import StrictRounds
+from flower_privacy.wire import secagg as wire
 
 WEIGHTINGS = ("weighted", "uniform")
 __all__ = ["MEAN_STRATEGIES", "SecureAggregation"]

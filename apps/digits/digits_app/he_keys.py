@@ -28,8 +28,8 @@ from typing import TYPE_CHECKING
 from flwr.app import Context
 from flwr.common import log
 
-from flower_privacy import _he_wire as wire
 from flower_privacy import he
+from flower_privacy.wire import he as wire
 
 if TYPE_CHECKING:  # server side only: ClientApp processes never import the strategies
     from flwr.serverapp.strategy import Strategy
