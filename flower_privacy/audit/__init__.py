@@ -7,6 +7,15 @@ out. :mod:`.runner` runs an app in-process and extracts each party's view;
 :mod:`.attacks` plays the attackers on those views; :mod:`.report` writes the page.
 """
 
-from flower_privacy.audit.hook import AuditHook, LocalTraining, load_hook
+from typing import Any
 
 __all__ = ["AuditHook", "LocalTraining", "load_hook"]
+
+
+def __getattr__(name: str) -> Any:
+    # Lazy: the CLI imports this package for every command; torch loads only for audit.
+    if name in __all__:
+        from flower_privacy.audit import hook
+
+        return getattr(hook, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -5,9 +5,10 @@ Estimation for Federated Learning", ICLR 2024).
 unit direction (scaled to the clip norm). Threat model *final model*: the adversary
 sees only the final model; for each canary it measures the cosine between the final
 model's change and the canary's direction. Directions never inserted give the null
-distribution. Both sets of cosines are fitted with Gaussians and the estimate is the ε
-(at δ) of the pair of Gaussians: how well a membership test on the final model can
-tell whether a given client took part. The 95% interval is a bootstrap over canaries
+distribution. Both sets of cosines are fitted with Gaussians (here with one pooled
+variance, see ``_fit_epsilon``) and the estimate is the ε (at δ) of the pair of
+Gaussians: how well a membership test on the final model can tell whether a given
+client took part. The 95% interval is a bootstrap over canaries
 and null directions. An estimate is not a bound: an interval above the accountant's ε
 means the release leaks more than accounted (a bug), one below means the accountant
 is loose for this run (or the canaries are weak), never that the guarantee is weaker.
@@ -96,9 +97,14 @@ def gaussian_pair_epsilon(mu1: float, s1: float, mu0: float, s0: float, delta: f
 
 
 def _fit_epsilon(observed: np.ndarray, null: np.ndarray, delta: float) -> float:
-    s1 = max(float(np.std(observed, ddof=1)), 1e-12)
-    s0 = max(float(np.std(null, ddof=1)), 1e-12)
-    return gaussian_pair_epsilon(float(np.mean(observed)), s1, float(np.mean(null)), s0, delta)
+    # One pooled variance: under a Gaussian mechanism a canary shifts the cosine and
+    # leaves its spread alone; with tens of canaries a separately fitted variance makes
+    # the tails, and so ε at small δ, mostly sampling noise.
+    pooled = (np.sum((observed - observed.mean()) ** 2) + np.sum((null - null.mean()) ** 2)) / (
+        len(observed) + len(null) - 2
+    )
+    sigma = max(float(np.sqrt(pooled)), 1e-12)
+    return gaussian_pair_epsilon(float(observed.mean()), sigma, float(null.mean()), sigma, delta)
 
 
 @dataclass(frozen=True)
