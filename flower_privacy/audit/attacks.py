@@ -12,6 +12,7 @@ from torch import nn
 
 from flower_privacy.audit import empirical_eps, imprint, inversion, metrics, runner
 from flower_privacy.audit.hook import AuditHook
+from flower_privacy.errors import RunHaltedError
 from flower_privacy.secagg.audit import audit as privacy_t
 
 CURIOUS = "honest-but-curious server"
@@ -20,6 +21,7 @@ CLIENT = "participating client"
 DIFFERENCING = "server, multi-round differencing"
 KEY_HOLDER = "key holders (HE)"
 MEMBERSHIP = "membership test on the final model"
+ATTACKS = frozenset({"inversion", "differencing", "imprint", "empirical-epsilon"})
 
 
 @dataclass(frozen=True)
@@ -35,6 +37,15 @@ class AuditSettings:
     canaries: int = 20
     null_directions: int = 500
     imprint_gain: float = 1.0
+    attacks: frozenset[str] = ATTACKS
+    """Which of :data:`ATTACKS` to play."""
+
+    def __post_init__(self) -> None:
+        unknown = set(self.attacks) - ATTACKS
+        if unknown:
+            raise ValueError(f"unknown attacks {sorted(unknown)}; choose from {sorted(ATTACKS)}")
+        if self.rounds < 1:
+            raise ValueError(f"rounds must be >= 1, got {self.rounds}")
 
 
 @dataclass(frozen=True)
@@ -239,7 +250,9 @@ class _Auditor:
             "isolation from participation",
             "smallest T",
             t,
-            f"every combination of round sums mixes at least {t} clients",
+            f"every combination of round sums mixes at least {t} clients"
+            if t > 1
+            else "some combination of round sums is one client's update alone",
         )
 
     def malicious(self, honest: runner.Federation) -> None:
@@ -269,8 +282,12 @@ class _Auditor:
             seed=self.settings.seed,
             gain=self.settings.imprint_gain,
         )
-        fed = runner.run(self.hook, self.cfg, rounds=1, initial=crafted)
         attack = "imprint (Robbing the Fed)"
+        try:
+            fed = runner.run(self.hook, self.cfg, rounds=1, initial=crafted)
+        except RunHaltedError as err:
+            self.add(MALICIOUS, attack, "images above 20 dB", 0, f"refused: {err}")
+            return
         clear = fed.clear_updates.get(1, {})
         if clear:
             candidates = np.concatenate([module.recover(u) for u in clear.values()])
@@ -404,14 +421,18 @@ def audit_config(
         # The server holds ciphertexts only; what matters is who can decrypt them.
         auditor.key_custody()
         return auditor.result
+    chosen = settings.attacks
     progress(f"{name}: honest run ({settings.rounds} rounds)")
     honest = runner.run(hook, cfg, rounds=settings.rounds)
-    progress(f"{name}: gradient inversion")
-    auditor.honest(honest)
-    auditor.differencing(honest)
-    progress(f"{name}: malicious server (imprint)")
-    auditor.malicious(honest)
-    if auditor.is_dp(honest):
+    if "inversion" in chosen:
+        progress(f"{name}: gradient inversion")
+        auditor.honest(honest)
+    if "differencing" in chosen:
+        auditor.differencing(honest)
+    if "imprint" in chosen:
+        progress(f"{name}: malicious server (imprint)")
+        auditor.malicious(honest)
+    if "empirical-epsilon" in chosen and auditor.is_dp(honest):
         progress(f"{name}: canaries ({settings.canaries}) for the empirical ε")
         auditor.empirical_epsilon()
     return auditor.result

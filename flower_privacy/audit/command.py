@@ -46,12 +46,13 @@ def run(
     as_json: bool,
     rounds: int,
     echo: Callable[[str], None],
+    only: Sequence[str] | None = None,
 ) -> int:
     """Audit the app; write/print the report; return the exit code (1: a DP violation)."""
     from flwr.common.config import parse_config_args
 
     from flower_privacy.audit import report
-    from flower_privacy.audit.attacks import AuditSettings, audit_config
+    from flower_privacy.audit.attacks import ATTACKS, AuditSettings, audit_config
     from flower_privacy.audit.hook import load_hook
 
     started = time.monotonic()
@@ -66,7 +67,7 @@ def run(
     for name in names:
         hook.config(name)  # unknown names fail here, before any run
     logging.getLogger("flwr").setLevel(logging.WARNING)
-    settings = AuditSettings(rounds=rounds)
+    settings = AuditSettings(rounds=rounds, attacks=frozenset(only or ATTACKS))
     audits = []
     for index, name in enumerate(names, 1):
         t0 = time.monotonic()
@@ -84,6 +85,7 @@ def run(
             "configs": names,
             "run_config_overrides": overrides,
             "rounds": rounds,
+            "attacks_played": sorted(settings.attacks),
             "wall_seconds": round(time.monotonic() - started, 1),
         },
     )
@@ -115,6 +117,13 @@ def audit(
     out: Annotated[Path | None, typer.Option(help="Write index.html and audit.json here.")] = None,
     as_json: Annotated[bool, typer.Option("--json", help="Print audit.json to stdout.")] = False,
     rounds: Annotated[int, typer.Option(help="Rounds of each audited run.")] = 3,
+    attack: Annotated[
+        list[str] | None,
+        typer.Option(
+            help="Play only these (repeatable): inversion, differencing, imprint, "
+            "empirical-epsilon. Default: all."
+        ),
+    ] = None,
 ) -> None:
     """Show what attackers learn from the app's privacy configuration(s); exit 1 on a DP bug."""
     from flower_privacy.audit.hook import HookNotFoundError
@@ -123,7 +132,7 @@ def audit(
         typer.echo(line, err=True)
 
     try:
-        code = run(app_dir, run_config, compare, configs, out, as_json, rounds, echo)
+        code = run(app_dir, run_config, compare, configs, out, as_json, rounds, echo, attack)
     except (HookNotFoundError, ValueError) as err:
         typer.secho(f"error: {err}", fg=typer.colors.RED, err=True)
         raise typer.Exit(code=2) from None

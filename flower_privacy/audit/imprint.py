@@ -79,7 +79,7 @@ def craft(
     projections = public @ measurement
     # Tail mass per bin ~ 1/expected_inputs, but never beyond the whole distribution.
     mass = 1.0 / max(expected_inputs, neurons)
-    levels = 1.0 - mass * np.arange(neurons, 0, -1)
+    levels = 1.0 - mass * (np.arange(neurons, 0, -1) - 0.5)  # inside (0, 1)
     # A Gaussian fitted to the public projections (as the paper does): its tail
     # quantiles are smooth where a few hundred public samples are too sparse.
     thresholds = norm.ppf(levels, loc=projections.mean(), scale=projections.std(ddof=1))

@@ -70,7 +70,7 @@ class Federation:
     node_ids: list[int]
     globals: list[State]  # index r: the global model after round r (0: initial)
     clear_updates: dict[int, dict[int, State]]  # round -> node id -> update, if in the clear
-    participants: dict[int, list[int]]  # round -> nodes that replied to a training message
+    participants: dict[int, list[int]]  # round -> nodes that answered the round's model
     train_metrics: dict[int, dict] = field(default_factory=dict)
     halt_reason: str | None = None
 
@@ -163,13 +163,14 @@ def run(
             model = _plain_model(entry.message, initial)
             if entry.direction == "to-node" and model is not None:
                 sent[entry.node_id] = model
-            elif entry.direction == "from-node" and not entry.message.has_error():
-                if entry.node_id not in participants.setdefault(rnd, []):
-                    participants[rnd].append(entry.node_id)
-                if model is not None and entry.node_id in sent:
-                    clear.setdefault(rnd, {})[entry.node_id] = difference(
-                        model, sent[entry.node_id]
-                    )
+            elif entry.direction == "from-node" and entry.node_id in sent:
+                # The reply to the model is the node's (plain, masked or encrypted) upload.
+                got = sent.pop(entry.node_id)
+                if entry.message.has_error():
+                    continue
+                participants.setdefault(rnd, []).append(entry.node_id)
+                if model is not None:
+                    clear.setdefault(rnd, {})[entry.node_id] = difference(model, got)
     return Federation(
         config=grid_cfg,
         node_ids=node_ids,
