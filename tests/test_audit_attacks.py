@@ -59,9 +59,17 @@ def test_analytic_recovery_from_one_step_of_plain_fedavg_is_exact() -> None:
     assert found.details["best_psnr_db"] > 40, found.verdict
 
 
-def test_imprint_recovers_inputs_from_a_secure_aggregation_sum_of_10_clients() -> None:
-    audit = _audit("secagg", {}, {"imprint"})
-    found = _finding(audit, "malicious server (sum of 10 clients)", "imprint (Robbing the Fed)")
+@pytest.fixture(scope="module")
+def secagg_imprint() -> attacks.ConfigAudit:
+    return _audit("secagg", {}, {"imprint"})
+
+
+def test_imprint_recovers_inputs_from_a_secure_aggregation_sum_of_10_clients(
+    secagg_imprint,
+) -> None:  # noqa: ANN001
+    found = _finding(
+        secagg_imprint, "malicious server (sum of 10 clients)", "imprint (Robbing the Fed)"
+    )
     assert found.details["inputs"] == 240
     assert found.details["above_30db"] >= 5, found.verdict
 
@@ -98,3 +106,10 @@ def test_the_gaussian_pair_epsilon_matches_the_accountant_for_a_gaussian_mechani
     assert empirical_eps.gaussian_pair_epsilon(2.0, 1.0, 0.0, 1.0, 1e-5) == pytest.approx(
         accountant, rel=1e-3
     )
+
+
+def test_model_inconsistency_under_secure_aggregation_is_refused(secagg_imprint) -> None:  # noqa: ANN001
+    attack = "model inconsistency (imprint to one client)"
+    found = _finding(secagg_imprint, "malicious server", attack)
+    assert found.value == 0 and found.verdict.startswith("refused"), found.verdict
+    assert "inconsistent" in found.verdict or "unmask" in found.verdict

@@ -286,7 +286,9 @@ class _Auditor:
         try:
             fed = runner.run(self.hook, self.cfg, rounds=1, initial=crafted)
         except RunHaltedError as err:
-            self.add(MALICIOUS, attack, "images above 20 dB", 0, f"refused: {err}")
+            self.add(
+                MALICIOUS, attack, "images above 20 dB", 0, f"refused, nothing recovered: {err}"
+            )
             return
         clear = fed.clear_updates.get(1, {})
         if clear:
@@ -301,6 +303,57 @@ class _Auditor:
             self.score(
                 f"{MALICIOUS} (the noisy release)", attack, true, module.recover(fed.release(1))
             )
+
+    def inconsistency(self, honest: runner.Federation) -> None:
+        """Different models to different clients: the target gets the imprint model, the
+        others one whose first layer never fires, so the sum's first layer is the target's.
+        """
+        attack = "model inconsistency (imprint to one client)"
+        if honest.clear_updates:
+            self.add(
+                MALICIOUS,
+                attack,
+                "images above 20 dB",
+                None,
+                "not needed: the server sees every update in the clear",
+            )
+            return
+        model = self.model_at(honest.globals[0])
+        weight, bias = inversion.first_linear(model)
+        linears = [n for n, m in model.named_modules() if isinstance(m, nn.Linear)]
+        target = honest.node_ids[0]
+        true, _ = self.inputs([target])
+        crafted, module = imprint.craft(
+            honest.globals[0],
+            weight,
+            bias,
+            f"{linears[1]}.weight",
+            self.hook.public_data(self.cfg),
+            expected_inputs=len(true),
+            seed=self.settings.seed,
+            gain=self.settings.imprint_gain,
+        )
+        dead = dict(crafted)
+        dead[bias] = np.full_like(crafted[bias], -1e4)  # no input reaches past the threshold
+
+        def rewrite(message):  # noqa: ANN001, ANN202
+            if message.metadata.dst_node_id == target:
+                return runner.replace_model(message, crafted)
+            return message
+
+        try:
+            fed = runner.run(self.hook, self.cfg, rounds=1, initial=dead, rewrite=rewrite)
+        except RunHaltedError as err:
+            self.add(
+                MALICIOUS, attack, "images above 20 dB", 0, f"refused, nothing recovered: {err}"
+            )
+            return
+        self.score(
+            f"{MALICIOUS} (client {target} inside the sum)",
+            attack,
+            true,
+            module.recover(fed.release(1)),
+        )
 
     @staticmethod
     def is_dp(fed: runner.Federation) -> bool:
@@ -430,8 +483,9 @@ def audit_config(
     if "differencing" in chosen:
         auditor.differencing(honest)
     if "imprint" in chosen:
-        progress(f"{name}: malicious server (imprint)")
+        progress(f"{name}: malicious server (imprint, model inconsistency)")
         auditor.malicious(honest)
+        auditor.inconsistency(honest)
     if "empirical-epsilon" in chosen and auditor.is_dp(honest):
         progress(f"{name}: canaries ({settings.canaries}) for the empirical ε")
         auditor.empirical_epsilon()

@@ -112,11 +112,14 @@ def run(
     initial: State | None = None,
     extra_nodes: int = 0,
     extra_app: ClientApp | None = None,
+    rewrite: Callable[[Message], Message] | None = None,
 ) -> Federation:
     """Run ``rounds`` rounds of the app for ``cfg``; the server starts from ``initial``.
 
     ``extra_nodes`` more nodes (e.g. canaries) run ``extra_app`` instead of the app's
     ClientApp; the real nodes keep the partitioning of ``hook.num_nodes(cfg)`` nodes.
+    ``rewrite`` sees every server-to-node message before delivery (a malicious server).
+    The transcript records messages as delivered, so the attacker's own rewrites count.
     """
     real = hook.num_nodes(cfg)
     total = real + extra_nodes
@@ -134,6 +137,8 @@ def run(
     grid = InProcessGrid(
         dispatch, total, run_config=grid_cfg, node_ids=node_ids, node_configs=node_configs
     )
+    if rewrite is not None:
+        grid.intercept(rewrite)
     if initial is None:
         initial = {k: v.detach().cpu().numpy() for k, v in hook.model(cfg).state_dict().items()}
     globals_: list[State] = []
@@ -180,6 +185,15 @@ def run(
         train_metrics={r: dict(m) for r, m in result.train_metrics_clientapp.items()},
         halt_reason=getattr(result, "halt_reason", None),
     )
+
+
+def replace_model(message: Message, state: Mapping[str, np.ndarray]) -> Message:
+    """``message`` with its plain model (if it carries one) replaced by ``state``."""
+    if message.has_content():
+        for key, record in list(message.content.array_records.items()):
+            if list(record.keys()) == list(state):
+                message.content[key] = to_record(state)
+    return message
 
 
 def canary_app(mods: Sequence, directions: Mapping[int, np.ndarray], norm: float) -> ClientApp:
