@@ -13,7 +13,7 @@ import pytest
 import torch
 from audit_toy_app import hook
 
-from flower_privacy.audit import attacks, empirical_eps, inversion, metrics
+from flower_privacy.audit import attacks, empirical_eps, findings, inversion, metrics
 from flower_privacy.strategies import client_level_dp
 
 
@@ -25,14 +25,14 @@ def seeded_dp_noise(monkeypatch):  # noqa: ANN201
     )
 
 
-def _audit(name: str, overrides: dict, chosen: set[str], rounds: int = 1) -> attacks.ConfigAudit:
-    settings = attacks.AuditSettings(rounds=rounds, attacks=frozenset(chosen))
+def _audit(name: str, overrides: dict, chosen: set[str], rounds: int = 1) -> findings.ConfigAudit:
+    settings = findings.AuditSettings(rounds=rounds, attacks=frozenset(chosen))
     return attacks.audit_config(hook(), name, overrides, settings)
 
 
 def _finding(
-    audit: attacks.ConfigAudit, attacker: str, attack: str, metric: str = "images above 20 dB"
-) -> attacks.Finding:
+    audit: findings.ConfigAudit, attacker: str, attack: str, metric: str = "images above 20 dB"
+) -> findings.Finding:
     found = [
         f
         for f in audit.findings
@@ -60,7 +60,7 @@ def test_analytic_recovery_from_one_step_of_plain_fedavg_is_exact() -> None:
 
 
 @pytest.fixture(scope="module")
-def secagg_imprint() -> attacks.ConfigAudit:
+def secagg_imprint() -> findings.ConfigAudit:
     return _audit("secagg", {}, {"imprint"})
 
 

@@ -52,7 +52,8 @@ def run(
     from flwr.common.config import parse_config_args
 
     from flower_privacy.audit import report
-    from flower_privacy.audit.attacks import ATTACKS, AuditSettings, audit_config
+    from flower_privacy.audit.attacks import audit_config
+    from flower_privacy.audit.findings import ATTACKS, AuditSettings
     from flower_privacy.audit.hook import load_hook
 
     started = time.monotonic()

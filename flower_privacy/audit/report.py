@@ -12,7 +12,7 @@ from pathlib import Path
 
 import numpy as np
 
-from flower_privacy.audit.attacks import ConfigAudit
+from flower_privacy.audit.findings import ConfigAudit
 
 PAPERS = [
     ("Phong et al. 2018, analytic first-layer recovery", "https://eprint.iacr.org/2017/715"),
