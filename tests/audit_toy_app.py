@@ -81,9 +81,9 @@ def train(msg: Message, context: Context) -> Message:
     return Message(content=content, reply_to=msg)
 
 
-def strategy(cfg):  # noqa: ANN001, ANN201
+def strategy(cfg, num_nodes: int):  # noqa: ANN001, ANN201
     random.seed(int(cfg["seed"]))
-    inner = server_app.make_fedavg(int(cfg["clients-per-round"]), int(cfg["min-nodes"]))
+    inner = server_app.make_fedavg(int(cfg["clients-per-round"]), num_nodes)
     inner.fraction_evaluate = 0.0  # the audit attacks training; evaluation costs time
     return server_app.build_strategy(str(cfg["privacy"]), inner, dict(cfg), simulation=True)
 

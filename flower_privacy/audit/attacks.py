@@ -31,7 +31,7 @@ class _Auditor:
         self.hook, self.name, self.cfg, self.settings = hook, name, cfg, settings
         self.result = ConfigAudit(name)
         n = hook.num_nodes(cfg)
-        self.data = {1001 + i: hook.client_data(i, n, cfg) for i in range(n)}
+        self.data = {runner.FIRST_NODE_ID + i: hook.client_data(i, n, cfg) for i in range(n)}
 
     # -- helpers -------------------------------------------------------------------
 
@@ -305,7 +305,8 @@ class _Auditor:
         dim = int(sum(np.asarray(v).size for v in initial.values()))
         dirs = empirical_eps.directions(s.canaries + s.null_directions, dim, s.seed + 1)
         real = self.hook.num_nodes(self.cfg)
-        canary_ids = list(range(1001 + real, 1001 + real + s.canaries))
+        first = runner.FIRST_NODE_ID + real
+        canary_ids = list(range(first, first + s.canaries))
         app = runner.canary_app(
             self.hook.client_mods,
             dict(zip(canary_ids, dirs[: s.canaries], strict=True)),

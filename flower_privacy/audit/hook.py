@@ -50,9 +50,10 @@ class AuditHook:
         The app's ClientApp, as every node runs it.
     client_mods : Sequence
         The mods of ``client_app`` (canary clients run the same ones).
-    strategy : Callable[[UserConfig], Strategy]
-        The server's strategy for a run config (as the ServerApp builds it, on a
-        simulation grid); called once per federation, it may seed global state.
+    strategy : Callable[[UserConfig, int], Strategy]
+        The server's strategy for a run config and a federation of that many nodes
+        (as the ServerApp builds it, on a simulation grid; the audit may add canary
+        nodes); called once per federation, it may seed global state.
     model : Callable[[UserConfig], nn.Module]
         A fresh initial model for a run config.
     loss : Callable[[Tensor, Tensor], Tensor]
@@ -77,7 +78,7 @@ class AuditHook:
 
     client_app: ClientApp
     client_mods: Sequence
-    strategy: Callable[[UserConfig], Strategy]
+    strategy: Callable[[UserConfig, int], Strategy]
     model: Callable[[UserConfig], nn.Module]
     loss: Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
     input_shape: tuple[int, ...]

@@ -29,6 +29,7 @@ from flower_privacy.testing import InProcessGrid
 
 State = dict[str, np.ndarray]
 ROUND_TIMEOUT = 600.0
+FIRST_NODE_ID = 1001  # node i of the federation has id FIRST_NODE_ID + i
 
 
 def to_state(arrays: ArrayRecord) -> State:
@@ -123,7 +124,7 @@ def run(
     """
     real = hook.num_nodes(cfg)
     total = real + extra_nodes
-    node_ids = list(range(1001, 1001 + total))
+    node_ids = list(range(FIRST_NODE_ID, FIRST_NODE_ID + total))
     extra_ids = set(node_ids[real:])
     node_configs = [{"num-partitions": real} for _ in range(total)]
 
@@ -133,9 +134,8 @@ def run(
 
     if extra_nodes and extra_app is None:
         raise ValueError("extra_nodes needs extra_app")
-    grid_cfg = {**cfg, "min-nodes": total}
     grid = InProcessGrid(
-        dispatch, total, run_config=grid_cfg, node_ids=node_ids, node_configs=node_configs
+        dispatch, total, run_config=cfg, node_ids=node_ids, node_configs=node_configs
     )
     if rewrite is not None:
         grid.intercept(rewrite)
@@ -149,7 +149,7 @@ def run(
         marks.append(len(grid.transcript))
         return None
 
-    strategy = hook.strategy(grid_cfg)
+    strategy = hook.strategy(cfg, total)
     result = strategy.start(
         grid=grid,
         initial_arrays=to_record(initial),
@@ -177,7 +177,7 @@ def run(
                 if model is not None:
                     clear.setdefault(rnd, {})[entry.node_id] = difference(model, got)
     return Federation(
-        config=grid_cfg,
+        config=cfg,
         node_ids=node_ids,
         globals=globals_,
         clear_updates=clear,

@@ -30,10 +30,10 @@ CONFIGS: dict[str, UserConfig] = {
 }
 
 
-def _strategy(cfg: UserConfig):  # noqa: ANN202
+def _strategy(cfg: UserConfig, num_nodes: int):  # noqa: ANN202
     # As the ServerApp does: Flower's FedAvg samples with the global `random`.
     random.seed(int(cfg["seed"]))
-    inner = server_app.make_fedavg(int(cfg["clients-per-round"]), int(cfg["min-nodes"]))
+    inner = server_app.make_fedavg(int(cfg["clients-per-round"]), num_nodes)
     inner.fraction_evaluate = 0.0  # the audit attacks training; evaluation costs time
     return server_app.build_strategy(str(cfg["privacy"]), inner, dict(cfg), simulation=True)
 
