@@ -78,3 +78,17 @@ def test_dp_with_noise_scaled_down_tenfold_is_caught(
     assert code == 1
     assert document["violations"] and "exceeds the accountant" in document["violations"][0]
     assert "VIOLATION" in stderr
+
+
+def test_an_app_without_a_hook_and_an_unknown_configuration_are_named(
+    toy_app_dir: Path, tmp_path: Path
+) -> None:
+    bare = tmp_path / "bare"
+    bare.mkdir()
+    (bare / "pyproject.toml").write_text("[tool.flwr.app]\npublisher = 'x'\n")
+    result = CliRunner().invoke(cli.app, ["audit", str(bare)])
+    assert result.exit_code == 2 and "audit-hook" in result.stderr
+    result = CliRunner().invoke(cli.app, ["audit", str(toy_app_dir), "--compare", "dp-typo"])
+    assert result.exit_code == 2 and "unknown configuration 'dp-typo'" in result.stderr
+    result = CliRunner().invoke(cli.app, ["audit", str(toy_app_dir), "secagg"])
+    assert result.exit_code == 2 and "--compare" in result.stderr
