@@ -296,7 +296,7 @@ class _Auditor:
     def is_dp(fed: runner.Federation) -> bool:
         return any("dp-epsilon" in m for m in fed.train_metrics.values())
 
-    def empirical_epsilon(self) -> None:
+    def empirical_epsilon(self, honest: runner.Federation) -> None:
         """Andrew et al. (ICLR 2024): canary clients, cosines, a Gaussian fit per round."""
         s = self.settings
         initial = {
@@ -310,7 +310,8 @@ class _Auditor:
         app = runner.canary_app(
             self.hook.client_mods,
             dict(zip(canary_ids, dirs[: s.canaries], strict=True)),
-            float(self.cfg.get("dp-clip-norm", 1.0)),
+            # At the strategy's clip norm: the largest update DP lets through whole.
+            float(honest.train_metrics[1]["dp-clip-norm"]),
         )
         fed = runner.run(
             self.hook,
@@ -427,5 +428,5 @@ def audit_config(
         auditor.inconsistency(honest)
     if "empirical-epsilon" in chosen and auditor.is_dp(honest):
         progress(f"{name}: canaries ({settings.canaries}) for the empirical ε")
-        auditor.empirical_epsilon()
+        auditor.empirical_epsilon(honest)
     return auditor.result

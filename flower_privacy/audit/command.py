@@ -94,7 +94,7 @@ def run(
         report.write(out, document, audits, hook.image_shape)
         echo(f"report: {out / 'index.html'}")
     if as_json:
-        print(json.dumps(document, indent=2))
+        print(json.dumps(document, indent=2, allow_nan=False))
     else:
         for row in document["attacks"]:
             echo(f"{row['config']:>15} | {row['attacker']} | {row['attack']}: {row['verdict']}")

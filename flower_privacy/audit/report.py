@@ -7,6 +7,7 @@ import dataclasses
 import html
 import io
 import json
+import math
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -41,8 +42,25 @@ ASSUMPTIONS = [
 ]
 
 
+def _strict(value: object) -> object:
+    """``value`` with non-finite floats as strings: strict JSON has no Infinity or NaN."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return str(value)
+    if isinstance(value, dict):
+        return {k: _strict(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [_strict(v) for v in value]
+    if isinstance(value, np.generic):
+        return _strict(value.item())
+    return value
+
+
 def to_json(audits: Sequence[ConfigAudit], meta: dict) -> dict:
     """The JSON document: metadata, the attack rows, verdicts per configuration."""
+    return _strict(_document(audits, meta))  # type: ignore[return-value]
+
+
+def _document(audits: Sequence[ConfigAudit], meta: dict) -> dict:
     rows = [dataclasses.asdict(f) for a in audits for f in a.findings]
     return {
         **meta,
@@ -149,7 +167,7 @@ def write(
 
     matplotlib.use("Agg")
     out.mkdir(parents=True, exist_ok=True)
-    (out / "audit.json").write_text(json.dumps(document, indent=2))
+    (out / "audit.json").write_text(json.dumps(document, indent=2, allow_nan=False))
     figures = []
     for name, fig in (
         ("reconstructions", images_figure(audits, image_shape)),
