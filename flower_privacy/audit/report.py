@@ -181,6 +181,26 @@ def write(
     (out / "index.html").write_text(_html(document, figures))
 
 
+def _side_by_side(document: dict) -> str:
+    """One row per (attacker, attack, metric), one column per configuration."""
+    esc = html.escape
+    configs = list(document.get("configs", []))
+    cells: dict[tuple[str, str, str], dict[str, str]] = {}
+    for r in document["attacks"]:
+        attacker, _, seen = r["attacker"].partition(" (")
+        key = (attacker, r["attack"], r["metric"])
+        view = f" [{seen.rstrip(')')}]" if seen else ""
+        cells.setdefault(key, {})[r["config"]] = f"{r['value']}{view}: {r['verdict']}"
+    head = "".join(f"<th>{esc(c)}</th>" for c in configs)
+    body = "".join(
+        f"<tr><td>{esc(a)}</td><td>{esc(t)}</td><td>{esc(m)}</td>"
+        + "".join(f"<td>{esc(row.get(c, '-'))}</td>" for c in configs)
+        + "</tr>"
+        for (a, t, m), row in cells.items()
+    )
+    return f"<table><tr><th>attacker</th><th>attack</th><th>metric</th>{head}</tr>{body}</table>"
+
+
 def _html(document: dict, figures: list[tuple[str, str]]) -> str:
     esc = html.escape
     rows = "".join(
@@ -216,6 +236,7 @@ def _html(document: dict, figures: list[tuple[str, str]]) -> str:
 <h1>What an attacker learns: {esc(str(document.get("app", "")))}</h1>
 <p>Configurations: {configs}. Audit wall time {wall:.0f} s.</p>
 <h2>Accounting violations</h2><ul>{violations}</ul>
+<h2>Side by side</h2>{_side_by_side(document)}
 <h2>Attacks</h2><table><tr>{header}</tr>{rows}</table>
 <h2>Figures</h2>{pictures}
 <h2>Assumptions and limits</h2><ul>{assumptions}</ul><h2>Papers</h2><ul>{papers}</ul>
