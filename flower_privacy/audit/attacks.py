@@ -35,6 +35,11 @@ class _Auditor:
 
     # -- helpers -------------------------------------------------------------------
 
+    @property
+    def image_metric(self) -> str:
+        """The metric of every reconstruction row (one name, whatever the threshold)."""
+        return f"images above {self.settings.threshold_db:g} dB"
+
     def model_at(self, state: runner.State) -> nn.Module:
         model = self.hook.model(self.cfg)
         model.load_state_dict({k: torch.as_tensor(np.asarray(v)) for k, v in state.items()})
@@ -60,7 +65,7 @@ class _Auditor:
         self.add(
             attacker,
             attack,
-            f"images above {threshold:g} dB",
+            self.image_metric,
             count,
             verdict,
             inputs=len(true),
@@ -103,7 +108,7 @@ class _Auditor:
             self.add(
                 attacker,
                 "inverting gradients",
-                "images above 20 dB",
+                self.image_metric,
                 None,
                 f"not run: {len(true)} inputs > {s.max_iterative_inputs}",
             )
@@ -117,7 +122,7 @@ class _Auditor:
             self.add(
                 attacker,
                 "DLG",
-                "images above 20 dB",
+                self.image_metric,
                 None,
                 f"not run: {len(true)} inputs > {s.max_dlg_inputs} (DLG inverts small batches)",
             )
@@ -200,7 +205,7 @@ class _Auditor:
             self.add(
                 MALICIOUS,
                 "imprint (Robbing the Fed)",
-                "images above 20 dB",
+                self.image_metric,
                 None,
                 "not applicable: the model does not start Linear, ReLU, Linear",
             )
@@ -223,9 +228,7 @@ class _Auditor:
         try:
             fed = runner.run(self.hook, self.cfg, rounds=1, initial=crafted)
         except RunHaltedError as err:
-            self.add(
-                MALICIOUS, attack, "images above 20 dB", 0, f"refused, nothing recovered: {err}"
-            )
+            self.add(MALICIOUS, attack, self.image_metric, 0, f"refused, nothing recovered: {err}")
             return
         clear = fed.clear_updates.get(1, {})
         if clear:
@@ -250,7 +253,7 @@ class _Auditor:
             self.add(
                 MALICIOUS,
                 attack,
-                "images above 20 dB",
+                self.image_metric,
                 None,
                 "not needed: the server sees every update in the clear",
             )
@@ -281,9 +284,7 @@ class _Auditor:
         try:
             fed = runner.run(self.hook, self.cfg, rounds=1, initial=dead, rewrite=rewrite)
         except RunHaltedError as err:
-            self.add(
-                MALICIOUS, attack, "images above 20 dB", 0, f"refused, nothing recovered: {err}"
-            )
+            self.add(MALICIOUS, attack, self.image_metric, 0, f"refused, nothing recovered: {err}")
             return
         self.score(
             f"{MALICIOUS} (client {target} inside the sum)",
