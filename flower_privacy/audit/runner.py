@@ -158,6 +158,11 @@ def run(
         train_config=ConfigRecord(),
         evaluate_fn=record,
     )
+    failed = getattr(result, "failed_rounds", {})
+    if failed:
+        # Rounds are told apart by the global model after each: a round without one
+        # would shift every later round's view.
+        raise RuntimeError(f"the audited run had failed rounds {failed}: audit a clean run")
     clear: dict[int, dict[int, State]] = {}
     participants: dict[int, list[int]] = {}
     for rnd in range(1, len(globals_)):
