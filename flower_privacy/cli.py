@@ -11,6 +11,7 @@ from typing import Annotated
 
 import typer
 
+from flower_privacy.audit.command import audit
 from flower_privacy.harness.flwr_cli import RunOutcome
 from flower_privacy.harness.presets import (
     GpuUnavailableError,
@@ -26,6 +27,7 @@ app = typer.Typer(
     no_args_is_help=True,
     add_completion=False,
 )
+app.command()(audit)  # flower_privacy/audit/command.py
 _REPO_ROOT = Path(__file__).resolve().parents[1]
 DEMO_APP = _REPO_ROOT / "apps" / "digits"
 

@@ -18,12 +18,11 @@ from flower_privacy import client_mods
 # node's node config `privacy-required` makes them refuse weaker requests. The digits
 # app finds its HE secret context in the simulation key folder too, and in a run that
 # names "he" refuses plaintext models.
-app = ClientApp(
-    mods=client_mods(
-        he_context=he_keys.locate_client_context,
-        require_encryption=he_keys.requires_encryption,
-    )
+MODS = client_mods(
+    he_context=he_keys.locate_client_context,
+    require_encryption=he_keys.requires_encryption,
 )
+app = ClientApp(mods=MODS)
 
 
 def _data(context: Context):  # noqa: ANN202
