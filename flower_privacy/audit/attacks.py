@@ -24,6 +24,7 @@ from flower_privacy.audit.findings import (
 from flower_privacy.audit.hook import AuditHook
 from flower_privacy.errors import RunHaltedError
 from flower_privacy.secagg.audit import audit as privacy_t
+from flower_privacy.wire import dp as dp_wire
 
 
 class _Auditor:
@@ -295,7 +296,7 @@ class _Auditor:
 
     @staticmethod
     def is_dp(fed: runner.Federation) -> bool:
-        return any("dp-epsilon" in m for m in fed.train_metrics.values())
+        return any(dp_wire.METRIC_EPSILON in m for m in fed.train_metrics.values())
 
     def empirical_epsilon(self, honest: runner.Federation) -> None:
         """Andrew et al. (ICLR 2024): canary clients, cosines, a Gaussian fit per round."""
@@ -312,7 +313,7 @@ class _Auditor:
             self.hook.client_mods,
             dict(zip(canary_ids, dirs[: s.canaries], strict=True)),
             # At the strategy's clip norm: the largest update DP lets through whole.
-            float(honest.train_metrics[1]["dp-clip-norm"]),
+            float(honest.train_metrics[1][dp_wire.METRIC_CLIP_NORM]),
         )
         fed = runner.run(
             self.hook,
@@ -329,10 +330,10 @@ class _Auditor:
             found = empirical_eps.estimate(
                 empirical_eps.cosines(change, dirs[: s.canaries]),
                 empirical_eps.cosines(change, dirs[s.canaries :]),
-                float(fed.train_metrics[rnd]["dp-delta"]),
+                float(fed.train_metrics[rnd][dp_wire.METRIC_DELTA]),
                 seed=s.seed,
             )
-            accountant = float(fed.train_metrics[rnd]["dp-epsilon"])
+            accountant = float(fed.train_metrics[rnd][dp_wire.METRIC_EPSILON])
             self.result.epsilons.append(
                 {
                     "round": rnd,
