@@ -19,6 +19,7 @@ from flwr.serverapp.strategy import FedAvg
 import flower_privacy
 from flower_privacy.errors import RunHaltedError
 from flower_privacy.private import REQUIRED, RUN_CONFIG_KEYS, PrivacyConfig, config_snippet
+from flower_privacy.private.client import ALLOW_EVALUATE, MAX_CLIP_NORM
 from flower_privacy.secagg import floors
 from flower_privacy.testing import InProcessGrid
 from flower_privacy.wire import secagg as secagg_wire
@@ -198,7 +199,7 @@ def test_a_node_that_requires_secure_aggregation_refuses_a_plain_train_request()
     ],
 )
 def test_a_node_refuses_what_is_weaker_than_it_requires(required, weaker, stronger) -> None:
-    node_config = {REQUIRED: required}
+    node_config = {REQUIRED: required, MAX_CLIP_NORM: 1.0}
     with pytest.raises(RunHaltedError):
         _run(weaker, node_config)
     assert not _refusals(_run(stronger, node_config))
@@ -230,6 +231,62 @@ def test_a_requirement_no_node_can_check_is_a_named_node_config_error(required, 
     )
     (reply,) = grid.send_and_receive([request], timeout=10.0)
     assert reply.has_error() and message in reply.error.reason and REQUIRED in reply.error.reason
+
+
+def _probe(node_config: dict, message_type: str, config: dict | None = None) -> Message:
+    """One message, as a deviating server would send it, and the node's reply."""
+    app = make_toy_client_app(app=ClientApp(mods=flower_privacy.client_mods()))
+
+    @app.query()
+    def query(msg: Message, context: Context) -> Message:  # an app that answers queries
+        return Message(RecordDict({"metrics": MetricRecord({"rows": 100})}), reply_to=msg)
+
+    grid = InProcessGrid(app, num_nodes=1, node_configs=[node_config])
+    content = RecordDict({"arrays": initial_arrays(), "config": ConfigRecord(config or {})})
+    request = grid.create_message(content, message_type, grid.get_node_ids()[0], "")
+    (reply,) = grid.send_and_receive([request], timeout=10.0)
+    return reply
+
+
+@pytest.mark.parametrize(
+    ("node_config", "message_type", "config", "reason"),
+    [
+        # "train.<action>" reaches the app's train function: every mod must see it.
+        ({REQUIRED: "he"}, "train.default", None, "requires encryption"),
+        ({REQUIRED: "he"}, "evaluate.default", None, "requires encryption"),
+        ({REQUIRED: "secagg"}, "train.default", None, "requires secure aggregation"),
+        # An evaluate reply releases metrics on any model: outside the guarantee.
+        (
+            {REQUIRED: "dp-distributed", floors.MIN_NOISE_MULTIPLIER: 0.5},
+            "evaluate",
+            None,
+            "evaluate reply releases its metrics",
+        ),
+        ({REQUIRED: "secagg"}, "evaluate.default", None, "evaluate reply releases"),
+        ({REQUIRED: "secagg"}, "query", None, "answers no 'query' messages"),
+        # The clip norm this node relies on is its own, not the server's request.
+        (
+            {REQUIRED: "dp-client", MAX_CLIP_NORM: 1.0},
+            "train.default",
+            {"dp-clip-norm": 1e300},
+            "clip norm of at most 1.0",
+        ),
+        ({REQUIRED: "dp-client"}, "train", {"dp-clip-norm": 0.5}, MAX_CLIP_NORM),
+    ],
+)
+def test_a_deviating_server_gets_nothing_weaker_from_a_requiring_node(
+    node_config, message_type, config, reason
+) -> None:  # noqa: ANN001
+    reply = _probe(node_config, message_type, config)
+    assert reply.has_error() and reason in reply.error.reason, reply
+
+
+def test_evaluate_is_answered_with_the_nodes_opt_in_and_clipping_within_its_ceiling() -> None:
+    allowed = {REQUIRED: "secagg", ALLOW_EVALUATE: True}
+    assert not _probe(allowed, "evaluate").has_error()
+    clipped = _probe({REQUIRED: "dp-client", MAX_CLIP_NORM: 1.0}, "train", {"dp-clip-norm": 0.5})
+    assert not clipped.has_error()
+    assert clipped.content.metric_records["metrics"]["dp-unclipped"] in (0, 1)
 
 
 def test_a_node_that_requires_encryption_refuses_a_plaintext_model() -> None:

@@ -24,7 +24,7 @@ def client_clipping_mod(
     msg: Message, context: Context, call_next: Callable[[Message, Context], Message]
 ) -> Message:
     """Clip the app's model update to the server's ``dp-clip-norm`` before it leaves."""
-    if msg.metadata.message_type != "train" or not msg.has_content():
+    if msg.metadata.message_type.split(".")[0] != "train" or not msg.has_content():
         return call_next(msg, context)
     config = msg.content.config_records.get("config")
     if config is None or wire.CLIP_NORM not in config:

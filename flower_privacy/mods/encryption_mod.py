@@ -95,7 +95,8 @@ class EncryptionMod:
         self, msg: Message, context: Context, call_next: Callable[[Message, Context], Message]
     ) -> Message:
         message_type = msg.metadata.message_type
-        if message_type not in ("train", "evaluate"):
+        # "train.default" and other "train.<action>" types reach the app's train functions.
+        if message_type.split(".")[0] not in ("train", "evaluate"):
             return call_next(msg, context)
         if not msg.has_content() or wire.stage_of(msg.content) != wire.GLOBAL:
             if self._requires_encryption(context):

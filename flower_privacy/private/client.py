@@ -34,6 +34,11 @@ from flower_privacy.wire import secagg as secagg_wire
 
 # Node config key: the mechanisms this node requires (a PrivacyConfig name).
 REQUIRED = "privacy-required"
+# Node config key: answer evaluate messages although a mechanism is required (their
+# metrics are outside every mechanism's guarantee).
+ALLOW_EVALUATE = "privacy-allow-evaluate"
+# Node config key (dp-client): the largest L2 clip norm this node accepts.
+MAX_CLIP_NORM = "dp-max-clip-norm"
 MOD_NAME = "flower_privacy.private.requirement_mod"
 # The least group size "secagg-groups" requires when the node names none.
 _MIN_GROUP_SIZE = 2
@@ -81,6 +86,13 @@ def floors_for(node_config: Mapping[str, object]) -> dict[str, object]:
                 f"node config {REQUIRED} names dp-distributed: also give "
                 f"{floors.MIN_NOISE_MULTIPLIER} > 0, the least noise this node accepts"
             )
+    if matrix.DP_CLIENT in mechanisms:
+        ceiling = config.get(MAX_CLIP_NORM)
+        if isinstance(ceiling, bool) or not isinstance(ceiling, int | float) or not ceiling > 0:
+            raise ValueError(
+                f"node config {REQUIRED} names dp-client: also give {MAX_CLIP_NORM} > 0, the "
+                "largest clip norm this node accepts (the server's is its request)"
+            )
     return config
 
 
@@ -93,7 +105,21 @@ def requirement_mod(msg: Message, context: Context, call_next: CallNext) -> Mess
     mechanisms = required_mechanisms(node_config)
     if not mechanisms:
         return call_next(msg, context)
-    if matrix.DP_CLIENT in mechanisms and (problem := _unclipped_request(msg)):
+    category = msg.metadata.message_type.split(".")[0]
+    if category not in ("train", "evaluate"):
+        # Fail closed: no mod here knows what a query or another type would release.
+        problem = f"this node requires {sorted(mechanisms)}: it answers no {category!r} messages"
+        log(ERROR, "%s: node %s refused: %s", MOD_NAME, context.node_id, problem)
+        return _refusal(msg, problem)
+    if category == "evaluate" and not _evaluate_allowed(mechanisms, node_config):
+        problem = (
+            f"this node requires {sorted(mechanisms)}: an evaluate reply releases its metrics "
+            f"on any model the server sends, outside that guarantee (set {ALLOW_EVALUATE} = "
+            "true in its node config to answer anyway)"
+        )
+        log(ERROR, "%s: node %s refused: %s", MOD_NAME, context.node_id, problem)
+        return _refusal(msg, problem)
+    if matrix.DP_CLIENT in mechanisms and (problem := _unclipped_request(msg, node_config)):
         log(ERROR, "%s: node %s refused: %s", MOD_NAME, context.node_id, problem)
         return _refusal(msg, problem)
     # A copy that shares the node's state: the later mods enforce the implied floors.
@@ -102,8 +128,15 @@ def requirement_mod(msg: Message, context: Context, call_next: CallNext) -> Mess
     return call_next(msg, raised)
 
 
-def _unclipped_request(msg: Message) -> str | None:
-    """Why a train request does not make this node clip its update, or None."""
+def _evaluate_allowed(mechanisms: frozenset[str], node_config: Mapping[str, object]) -> bool:
+    """HE guards evaluate itself (encrypted models only); the others need the opt-in."""
+    if mechanisms <= {matrix.HE}:
+        return True
+    return node_config.get(ALLOW_EVALUATE) is True
+
+
+def _unclipped_request(msg: Message, node_config: Mapping[str, object]) -> str | None:
+    """Why a train request does not make this node clip its update enough, or None."""
     if msg.metadata.message_type.split(".")[0] != "train" or not msg.has_content():
         return None
     stages = secagg_wire.stages_of(msg.content)
@@ -117,6 +150,13 @@ def _unclipped_request(msg: Message) -> str | None:
     config = msg.content.config_records.get("config")
     if config is None or dp_wire.CLIP_NORM not in config:
         return f"this node requires dp-client: the request sets no {dp_wire.CLIP_NORM}"
+    ceiling = float(node_config[MAX_CLIP_NORM])  # type: ignore[arg-type]
+    asked = config[dp_wire.CLIP_NORM]
+    if isinstance(asked, bool) or not isinstance(asked, int | float) or not 0 < asked <= ceiling:
+        return (
+            f"this node requires dp-client with a clip norm of at most {ceiling}: the request "
+            f"asks {asked!r}"
+        )
     return None
 
 
