@@ -405,7 +405,7 @@ def test_3_a_node_noise_floor_refuses_a_server_that_scales_the_noise_down() -> N
     from test_client_level_dp import _distributed, _unchanged_app
 
     from flower_privacy.dp.distributed import DistributedNoiseEncoding
-    from flower_privacy.secagg.floors import MIN_NOISE_MULTIPLIER
+    from flower_privacy.secagg.floors import MAX_COLLUDERS, MIN_NOISE_MULTIPLIER
 
     n = 8
     honest = InProcessGrid(_unchanged_app([secagg_mod]), num_nodes=n)
@@ -416,7 +416,8 @@ def test_3_a_node_noise_floor_refuses_a_server_that_scales_the_noise_down() -> N
         for e in honest.transcript
         if e.direction == "to-node" and wire.TRAIN in wire.stages_of(e.message.content)
     )
-    z = DistributedNoiseEncoding.from_request(masking).noise_multiplier(5)
+    dim = sum(int(np.prod(shape)) for shape in SHAPES.values())
+    z = DistributedNoiseEncoding.from_request(masking).noise_multiplier(5, dim)
     configs = [{MIN_NOISE_MULTIPLIER: 0.9 * z}] * n
     grid = InProcessGrid(_unchanged_app([secagg_mod]), num_nodes=n, node_configs=configs)
     assert _distributed(n, 5).start(grid, _zeros(), num_rounds=1).arrays is not None  # honest
@@ -435,6 +436,31 @@ def test_3_a_node_noise_floor_refuses_a_server_that_scales_the_noise_down() -> N
         attacked.start(grid, _zeros(), num_rounds=1)
     assert {code for _, code in _codes(attacked.strategy)} == {Refusal.BELOW_FLOOR}
     assert not _seen(grid, "from-node", wire.UPLOAD, 1)  # no node masked under less noise
+
+    # Found in review: a smaller scale with a matching share variance keeps the server's
+    # nominal figure sqrt(n v) / (scale C) but drowns the noise in rounding; the node
+    # counts against the rounded update's L2 bound, so it refuses.
+    def coarse(msg: Message) -> Message:
+        if wire.TRAIN in wire.stages_of(msg.content):
+            payload = wire.payload_of(msg.content, wire.MASKING)
+            # Scale the clipped update down to a tenth of sqrt(d): rounding dominates.
+            factor = payload["dp-scale"] * payload["dp-clip-norm"] / (0.1 * dim**0.5)
+            payload["dp-scale"] = payload["dp-scale"] / factor
+            payload["dp-share-variance"] = payload["dp-share-variance"] / factor**2
+            wire.put(msg.content, wire.MASKING, payload)
+        return msg
+
+    grid = InProcessGrid(_unchanged_app([secagg_mod]), num_nodes=n, node_configs=configs)
+    grid.intercept(coarse)
+    attacked = _distributed(n, 5)
+    with pytest.raises(RunHaltedError):
+        attacked.start(grid, _zeros(), num_rounds=1)
+    assert {code for _, code in _codes(attacked.strategy)} == {Refusal.BELOW_FLOOR}
+    # Colluders the node declares add no noise: the same honest request falls short.
+    wary = [{MIN_NOISE_MULTIPLIER: 0.9 * z, MAX_COLLUDERS: 2}] * n
+    grid = InProcessGrid(_unchanged_app([secagg_mod]), num_nodes=n, node_configs=wary)
+    with pytest.raises(RunHaltedError):
+        _distributed(n, 5).start(grid, _zeros(), num_rounds=1)
 
 
 # -- found in review: replayed runs, unbound masking settings, train.<action>, groups ---

@@ -71,13 +71,23 @@ class DistributedNoiseEncoding:
             values=discrete.to_modular(rounded + noise), clipped=0, weight=1, weight_capped=False
         )
 
-    def noise_multiplier(self, survivors: int) -> float:
-        """The noise ``survivors`` shares add up to: its standard deviation over the clip norm.
+    def noise_multiplier(self, survivors: int, dim: int) -> float:
+        """What ``survivors`` shares give a ``dim``-coordinate update, as a node checks it.
 
-        Nominal: the calibration also charges conditional rounding; clients compare this
-        with their own floor (node config ``secagg-min-noise-multiplier``).
+        The standard deviation of their summed noise (each share's true variance: below
+        its σ² parameter for a small discrete Gaussian) over the L2 bound of the clipped,
+        scaled, rounded update, the sensitivity the accountant uses; every term comes from
+        the request and the node's own update size, so a server cannot inflate it.
         """
-        return math.sqrt(survivors * self.share_variance) / (self.scale * self.clip_norm)
+        if survivors <= 0:
+            return 0.0
+        variance = (
+            self.share_variance
+            if self.mechanism == "skellam"
+            else discrete.discrete_gaussian_variance(math.sqrt(self.share_variance))
+        )
+        sensitivity = discrete.l2_sensitivity(self.clip_norm, self.scale, dim, self.beta)
+        return math.sqrt(survivors * variance) / sensitivity
 
     def decode_sum(self, total: np.ndarray, denominator: float) -> np.ndarray:
         """The noisy sum mod 2^32, centred, in update units, divided by ``denominator``."""

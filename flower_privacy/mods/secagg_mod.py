@@ -190,6 +190,7 @@ class SecAggMod:
             quantizer,
             digest,
             floors.min_noise_multiplier,
+            floors.max_colluders,
         )
         # The report stays on this node: a per-client clipped count is data; the server
         # learns only the masked sum of the counts.

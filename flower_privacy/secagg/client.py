@@ -153,6 +153,7 @@ def client_mask(
     encoder: Encoder,
     content_digest: bytes,
     min_noise_multiplier: float = 0.0,
+    max_colluders: int = 0,
 ) -> tuple[dict, dict]:
     """Mask ``weight * update`` for the round; returns (upload, report of what was clipped).
 
@@ -177,13 +178,16 @@ def client_mask(
     if secrets.groups and not groups.is_union_of_groups(secrets.groups, prepared):
         raise RefusedError(Refusal.GROUPS, "the prepared nodes are not a union of whole groups")
     if min_noise_multiplier > 0:
+        # Colluding survivors may add no noise: count only the honest ones.
+        honest = secrets.min_survivors - max_colluders
         promised = getattr(encoder, "noise_multiplier", None)
-        noise = 0.0 if promised is None else promised(secrets.min_survivors)
+        noise = 0.0 if promised is None else promised(honest, int(np.asarray(update).size))
         if noise < min_noise_multiplier:
             raise RefusedError(
                 Refusal.BELOW_FLOOR,
-                f"distributed DP noise {noise:.4g} (x clip norm) with "
-                f"{secrets.min_survivors} survivors, this node needs {min_noise_multiplier}",
+                f"distributed DP noise multiplier {noise:.4g} (over the rounded update's L2 "
+                f"bound) from {max(honest, 0)} honest survivors of {secrets.min_survivors}, "
+                f"this node needs {min_noise_multiplier}",
             )
     live = secrets.live_neighbours(prepared)
     if len(live) < secrets.threshold:
