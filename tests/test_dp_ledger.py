@@ -21,9 +21,9 @@ def test_the_ledger_composes_its_rounds_and_round_trips() -> None:
     assert ledger.epsilon() == pytest.approx(epsilon(GaussianRounds(1.2, 0.5, 4), 1e-5))
     again = PrivacyLedger.from_state_dict(ledger.state_dict())
     assert again.released == 4 and again.epsilon() == ledger.epsilon()
-    bad = {**ledger.state_dict(), "released": -1}
-    with pytest.raises(ValueError, match="released"):
-        PrivacyLedger.from_state_dict(bad)
+    for released in (-1, 1.5, True, None, float("inf")):
+        with pytest.raises(ValueError, match="released"):
+            PrivacyLedger.from_state_dict({**ledger.state_dict(), "released": released})
     with pytest.raises(ValueError, match="lacks 'kind'"):
         PrivacyLedger.from_state_dict({"version": 1})
     with pytest.raises(ValueError, match="unknown mechanism kind"):
@@ -68,6 +68,9 @@ def test_a_ledger_of_another_setting_is_refused() -> None:
     other = ClientLevelDP(_fedavg(), noise_multiplier=1.0, delta=1e-6, seed=1)
     with pytest.raises(ValueError, match="delta"):
         other.load_state_dict(first.state_dict())
+    quieter = ClientLevelDP(_fedavg(), noise_multiplier=2.0, clip_norm=1.0, seed=1)
+    with pytest.raises(ValueError, match="noise multiplier 1.0 != 2.0"):
+        quieter.load_state_dict(first.state_dict())
     secure = SecureAggregation(_fedavg(), weighting="uniform")
     distributed = ClientLevelDP(secure, target_epsilon=3.0, placement="distributed")
     with pytest.raises(ValueError, match="not supported yet"):

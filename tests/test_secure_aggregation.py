@@ -459,3 +459,34 @@ def test_declaring_survivors_dropped_below_the_promised_floor_is_refused() -> No
     strategy = _secagg(8, min_train_replies=7)
     strategy.start(grid, _zeros(), num_rounds=1)
     assert (TARGET, wire.UNMASK, Refusal.BELOW_FLOOR) in _codes(strategy)
+
+
+def test_sum_settings_an_outer_layer_sends_are_checked() -> None:
+    from flwr.app import ConfigRecord
+
+    from flower_privacy.dp.distributed import DistributedNoiseEncoding
+    from flower_privacy.strategies._secagg_checks import check_sum_settings
+
+    fields = DistributedNoiseEncoding("skellam", 1.0, 100.0, 4.0, 0.5).request_fields()
+    with pytest.raises(ValueError, match="needs a fixed denominator"):
+        check_sum_settings(wire.SumSettings(None, fields), "uniform", None)
+    with pytest.raises(ValueError, match="unknown encoding"):
+        check_sum_settings(wire.SumSettings(5.0, {**fields, "encoding": "x"}), "uniform", None)
+    with pytest.raises(ValueError, match="weighting='uniform'"):
+        check_sum_settings(wire.SumSettings(5.0, fields), "weighted", None)
+    with pytest.raises(ValueError, match="leave uniform_denominator unset"):
+        check_sum_settings(wire.SumSettings(5.0, fields), "uniform", 4.0)
+    encoding, denominator = check_sum_settings(wire.SumSettings(5.0, fields), "uniform", None)
+    assert encoding is not None and denominator == 5.0
+    config = wire.SumSettings(5.0, fields).put(ConfigRecord({"lr": 0.1}))
+    rest, settings = wire.SumSettings.take(config)
+    assert dict(rest.items()) == {"lr": 0.1} and settings == wire.SumSettings(5.0, fields)
+    with pytest.raises(ValueError, match="already holds secure-sum settings"):
+        wire.SumSettings(5.0).put(config)
+
+
+def test_max_clients_below_the_group_size_is_refused_when_the_run_starts() -> None:
+    grid = InProcessGrid(_updates_app(1), num_nodes=6)
+    strategy = SecureAggregation(_fedavg(6), max_weight=100, group_size=3, max_clients=2)
+    with pytest.raises(ValueError, match="no whole group fits"):
+        strategy.start(grid, _zeros(), num_rounds=1)

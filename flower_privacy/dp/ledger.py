@@ -99,7 +99,7 @@ class PrivacyLedger:
             raise ValueError(f"the ledger state lacks {err.args[0]!r}") from None
         except TypeError as err:
             raise ValueError(f"the ledger state's event is malformed: {err}") from None
-        if int(released) != released or released < 0:
+        if isinstance(released, bool) or not isinstance(released, int) or released < 0:
             raise ValueError(f"released must be an integer >= 0, got {released!r}")
         ledger._released = int(released)
         return ledger

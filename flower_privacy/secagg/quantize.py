@@ -21,7 +21,7 @@ from flower_privacy.secagg.prg import uniform_floats
 
 WORD_BITS = (32, 64)
 # Largest scaled magnitude of one client's value: float64 holds every integer up to
-# 2^53, so stochastic rounding stays exact (and unbiased) below 2^52.
+# 2^53, so floor and fraction stay exact below 2^52.
 _EXACT = 2.0**52
 # The default bound on the mean's worst-case rounding error, relative to clip_range.
 DEFAULT_RELATIVE_ERROR = 1e-3
@@ -34,9 +34,21 @@ def word_dtype(word_bits: int) -> np.dtype:
     return np.dtype("<u4" if word_bits == 32 else "<u8")
 
 
+def stochastic_round(values: np.ndarray, seed: bytes) -> np.ndarray:
+    """Round each value down or up, up with probability its fractional part (int64).
+
+    ``floor(x) + [U < x - floor(x)]``: the fraction is exact in float64 at any magnitude,
+    so the rounding is unbiased to within 2^-32 (U's step), unlike ``floor(x + U)``,
+    whose sum loses U's low bits once x is above 2^21.
+    """
+    base = np.floor(values)
+    up = uniform_floats(seed, b"stochastic-rounding", values.size) < (values - base)
+    return base.astype(np.int64) + up
+
+
 @dataclass(frozen=True)
 class Encoded:
-    """One client's encoding: values mod 2^32 plus what it had to change."""
+    """One client's encoding: words mod 2^bits plus what it had to change."""
 
     values: np.ndarray
     clipped: int
@@ -157,12 +169,10 @@ class Quantizer:
         # float64 keeps every integer of the scaled range exact before rounding.
         scaled = np.clip(update, -self.clip_range, self.clip_range).astype(np.float64)
         scaled *= capped * self.scale
-        # Stochastic rounding, unbiased: floor(x + U) with U uniform in [0, 1).
-        scaled += uniform_floats(seed or os.urandom(32), b"stochastic-rounding", update.size)
-        np.floor(scaled, out=scaled)
+        rounded = stochastic_round(scaled, seed or os.urandom(32))
         return Encoded(
             # int64 -> unsigned wraps modulo 2^bits: negatives become their residues.
-            values=scaled.astype(np.int64).astype(self.dtype),
+            values=rounded.astype(self.dtype),
             clipped=clipped,
             weight=capped,
             weight_capped=capped != int(weight),

@@ -21,7 +21,7 @@ from flwr.serverapp.strategy import (
     Strategy,
 )
 
-from flower_privacy.dp.distributed import DistributedNoiseEncoding
+from flower_privacy.dp.distributed import ENCODING, DistributedNoiseEncoding
 from flower_privacy.errors import RoundFailedError
 from flower_privacy.secagg.protocol import RoundResult
 from flower_privacy.wire import secagg as wire
@@ -83,6 +83,13 @@ def check_sum_settings(
 ) -> tuple[DistributedNoiseEncoding | None, float | None]:
     """The round's (encoding, denominator) an outer layer asked for, checked."""
     denominator = settings.denominator
+    if settings.encoding and denominator is None:
+        raise ValueError(
+            "a DP encoding needs a fixed denominator: dividing by the survivor count would "
+            "make the release depend on who answered"
+        )
+    if settings.encoding and settings.encoding.get("encoding") != ENCODING:
+        raise ValueError(f"unknown encoding {settings.encoding.get('encoding')!r}")
     if (denominator is not None or settings.encoding) and weighting != "uniform":
         raise ValueError(
             "a fixed denominator or a DP encoding needs weighting='uniform' (example "

@@ -296,6 +296,10 @@ class ClientLevelDP(InTheClear, StrictRounds):
             )
             if theirs != ours
         ]
+        if self.fixed_noise_multiplier not in (None, event.noise_multiplier):
+            mismatch.append(
+                f"noise multiplier {event.noise_multiplier} != {self.fixed_noise_multiplier}"
+            )
         if mismatch:
             raise ValueError(f"the saved ledger does not match this strategy: {mismatch}")
         self._resume = ledger
@@ -455,9 +459,10 @@ class ClientLevelDP(InTheClear, StrictRounds):
         else:
             arrays = self._aggregate_in_the_clear(server_round, replies)
             metrics = MetricRecord()
-        self._check_finite(server_round, arrays)
+        # Charged before any check: the server has seen this round's release.
         assert self.ledger is not None
         self.ledger.charge()
+        self._check_finite(server_round, arrays)
         metrics.update(
             {
                 wire.METRIC_EPSILON: self._epsilon_after(self.released),

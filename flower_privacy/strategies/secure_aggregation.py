@@ -226,6 +226,11 @@ class SecureAggregation(StrictRounds):
             self.max_clients or largest_cohort(self.innermost, self.plan, population),
             self.max_mean_error,
         )
+        if self.plan is not None and self._quantizer.max_clients < self.plan.group_size:
+            raise ValueError(
+                f"max_clients={self._quantizer.max_clients} is below group_size="
+                f"{self.plan.group_size}: no whole group fits in a round"
+            )
         self._setup = CohortSetup(
             self.protocol,
             self._exchanger,
@@ -389,9 +394,10 @@ class SecureAggregation(StrictRounds):
             raise RoundFailedError(server_round, f"unmasking failed: {err}") from None
         try:
             return self._finish(server_round, result, excluded, by_node[result.survivors[0]])
-        except RoundFailedError as err:
+        except Exception as err:  # noqa: BLE001 - whatever failed, the sum was seen
             # The sum was unmasked: an outer DP layer must charge the round.
-            raise RoundFailedError(server_round, err.reason, revealed=True) from None
+            reason = err.reason if isinstance(err, RoundFailedError) else repr(err)
+            raise RoundFailedError(server_round, reason, revealed=True) from err
 
     # -- the round's result ----------------------------------------------------------
 

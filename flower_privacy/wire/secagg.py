@@ -55,7 +55,10 @@ class SumSettings:
     encoding: dict = field(default_factory=dict)
 
     def put(self, config: ConfigRecord) -> ConfigRecord:
-        """``config`` plus these settings (a new record)."""
+        """``config`` plus these settings (a new record); refuses to overwrite any."""
+        taken = sorted(k for k in config if k.startswith(SUM_PREFIX))
+        if taken:
+            raise ValueError(f"the train config already holds secure-sum settings {taken}")
         out = ConfigRecord(dict(config.items()))
         if self.denominator is not None:
             out[SUM_DENOMINATOR] = float(self.denominator)
