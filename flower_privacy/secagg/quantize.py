@@ -115,9 +115,13 @@ class Quantizer:
         ``max_error`` defaults to ``clip_range * 1e-3``. Raises ``ValueError`` when even
         64 bits cannot meet it.
         """
+        if not (np.isfinite(clip_range) and clip_range > 0):
+            raise ValueError(f"clip_range must be a finite number > 0, got {clip_range}")
+        if int(max_weight) != max_weight or max_weight < 1:
+            raise ValueError(f"max_weight must be an integer >= 1, got {max_weight}")
         bound = clip_range * DEFAULT_RELATIVE_ERROR if max_error is None else max_error
         if not (np.isfinite(bound) and bound > 0):
-            raise ValueError(f"max_error must be a finite number > 0, got {max_error}")
+            raise ValueError(f"max_error must be a finite number > 0, got {bound}")
         for bits in WORD_BITS:
             try:
                 candidate = cls(clip_range, max_weight, max_clients, bits)
