@@ -48,6 +48,11 @@ def assign_message_id(message: Message) -> str:
     return message_id
 
 
+def parse_run_config(overrides: list[str]) -> dict:
+    """Parse ``--run-config`` overrides ('k=v k=v' or a TOML path) as ``flwr run`` does."""
+    return dict(parse_config_args(overrides))
+
+
 def parse_federation_config(overrides: list[str]) -> Any:
     """Parse ``--federation-config`` overrides exactly as ``flwr run`` does.
 

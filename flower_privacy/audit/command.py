@@ -49,8 +49,7 @@ def run(
     only: Sequence[str] | None = None,
 ) -> int:
     """Audit the app; write/print the report; return the exit code (1: a DP violation)."""
-    from flwr.common.config import parse_config_args
-
+    from flower_privacy._flwr_compat import parse_run_config
     from flower_privacy.audit import report
     from flower_privacy.audit.attacks import audit_config
     from flower_privacy.audit.findings import ATTACKS, AuditSettings
@@ -58,7 +57,7 @@ def run(
 
     started = time.monotonic()
     hook = load_hook(app_dir)
-    overrides = parse_config_args(list(run_config or []))
+    overrides = parse_run_config(list(run_config or []))
     if configs and not compare:
         raise ValueError("configuration names need --compare (e.g. --compare secagg dp-central)")
     if compare:
@@ -67,18 +66,23 @@ def run(
         names = [configured_name(hook, overrides)]
     for name in names:
         hook.config(name)  # unknown names fail here, before any run
-    logging.getLogger("flwr").setLevel(logging.WARNING)
     settings = AuditSettings(rounds=rounds, attacks=frozenset(only or ATTACKS))
     audits = []
-    for index, name in enumerate(names, 1):
-        t0 = time.monotonic()
+    flwr_logger = logging.getLogger("flwr")
+    level = flwr_logger.level
+    flwr_logger.setLevel(logging.WARNING)  # the runs' round logs would drown the progress
+    try:
+        for index, name in enumerate(names, 1):
+            t0 = time.monotonic()
 
-        def progress(line: str, index: int = index) -> None:
-            echo(f"[{index}/{len(names)} {time.monotonic() - started:6.1f} s] {line}")
+            def progress(line: str, index: int = index) -> None:
+                echo(f"[{index}/{len(names)} {time.monotonic() - started:6.1f} s] {line}")
 
-        found = audit_config(hook, name, overrides, settings, progress)
-        found.seconds = time.monotonic() - t0
-        audits.append(found)
+            found = audit_config(hook, name, overrides, settings, progress)
+            found.seconds = time.monotonic() - t0
+            audits.append(found)
+    finally:
+        flwr_logger.setLevel(level)
     document = report.to_json(
         audits,
         {
