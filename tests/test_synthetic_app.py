@@ -99,3 +99,12 @@ def test_bad_training_settings_are_refused_by_name() -> None:
     with pytest.raises(ValueError, match="device"):
         task.TrainConfig.from_run_config({**DEFAULTS, "device": "tpu"})
     assert task.pick_device("cpu").type == "cpu"
+
+
+def test_bench_ray_options_are_checked_before_anything_runs() -> None:
+    from conftest import run_cli
+
+    res = run_cli("bench", "secagg", "--ray", "--ray-clients", "10", "--ray-per-round", "20")
+    assert res.returncode == 2 and "--ray-per-round must be in [1, 10], got 20" in res.stderr
+    res = run_cli("bench", "secagg", "--ray", "--ray-rounds", "1")
+    assert res.returncode == 2 and "--ray-rounds must be >= 2" in res.stderr
