@@ -42,11 +42,19 @@ def _rss_bytes(pid: int) -> int:
         return 0
 
 
-def _command(pid: int) -> str:
+def _process_name(pid: int) -> str:
+    """The program of ``pid``: the script for a Python interpreter (e.g. flower-superlink)."""
     try:
-        return Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode()[:80]
+        argv = Path(f"/proc/{pid}/cmdline").read_bytes().decode(errors="replace").split("\0")
     except OSError:
         return ""
+    args = [a for a in argv if a]
+    if not args:
+        return ""
+    if Path(args[0]).name.startswith("python") and len(args) > 1:
+        script = next((a for a in args[1:] if not a.startswith("-")), args[1])
+        return Path(script).name
+    return Path(args[0].split(" ")[0]).name
 
 
 class TreeRss:
@@ -65,7 +73,7 @@ class TreeRss:
         total = sum(_rss_bytes(p) for p in pids)
         if total > self.peak_bytes:
             self.peak_bytes = total
-            self.peak_processes = sorted({_command(p).split(" ")[0] for p in pids} - {""})
+            self.peak_processes = sorted({_process_name(p) for p in pids} - {""})
         return total
 
     def _loop(self) -> None:
