@@ -324,12 +324,24 @@ def bench_secagg(
     scaling_sizes: Annotated[
         str, typer.Option(help="Client counts for --scaling, comma-separated.")
     ] = "100,1000,10000",
+    ray: Annotated[
+        bool,
+        typer.Option(
+            help="Add a Ray simulation (flwr run, training clients): FedAvg against secure "
+            "aggregation with groups, 10% dropping."
+        ),
+    ] = False,
+    ray_clients: Annotated[int, typer.Option(help="Virtual clients of the --ray run.")] = 1000,
+    ray_per_round: Annotated[
+        int, typer.Option(help="Clients sampled a round in --ray (0 = a tenth of them).")
+    ] = 0,
+    ray_rounds: Annotated[int, typer.Option(help="Rounds of each --ray run.")] = 5,
 ) -> None:
     """Secure aggregation against FedAvg and Flower's SecAgg+, same process, same data."""
     import json
 
+    from flower_privacy.bench import ray_sim, secagg
     from flower_privacy.bench import scaling as scaling_bench
-    from flower_privacy.bench import secagg
 
     def progress(line: str) -> None:
         typer.echo(line, err=True)
@@ -341,9 +353,20 @@ def bench_secagg(
             raise ValueError(
                 f"--scaling-sizes must be comma-separated integers, got {scaling_sizes!r}"
             ) from None
+        per_round = ray_per_round or max(1, ray_clients // 10)
+        if ray and not 1 <= per_round <= ray_clients:
+            raise ValueError(f"--ray-per-round must be in [1, {ray_clients}], got {per_round}")
+        if ray and ray_rounds < 2:
+            raise ValueError(
+                f"--ray-rounds must be >= 2 (round 1 holds start-up), got {ray_rounds}"
+            )
     result = secagg.run(quick=quick, with_deployment=deployment, log=progress)
     if scaling:
         result["scaling"] = scaling_bench.run(sizes=sizes, log=progress)
+    if ray:
+        result["ray"] = ray_sim.run(
+            clients=ray_clients, per_round=per_round, rounds=ray_rounds, log=progress
+        )
     if as_json:
         typer.echo(json.dumps(result))
         return

@@ -7,7 +7,6 @@ measured. Round times are steady-state medians (rounds after the first).
 
 from __future__ import annotations
 
-import json
 import logging
 import math
 import os
@@ -24,6 +23,7 @@ from flwr.clientapp import ClientApp
 from flwr.serverapp.strategy import FedAvg
 
 from flower_privacy import _flwr_compat as compat
+from flower_privacy.bench.app_logs import ROUND_SECONDS, logged_json
 from flower_privacy.mods import secagg_mod
 from flower_privacy.secagg import graph
 from flower_privacy.secagg import protocol as proto
@@ -296,8 +296,7 @@ def deployment(params: int = 10_000, rounds: int = 4) -> dict:
                 raise RuntimeError(
                     f"deployment run ({privacy}) failed: {outcome.status} {outcome.details}"
                 )
-            line = next(x for x in reversed(outcome.log) if "round-seconds:" in x)
-            seconds = json.loads(line.split("round-seconds:", 1)[1])
+            seconds = logged_json(outcome.log, ROUND_SECONDS)
             out[name] = statistics.median(seconds[1:])
     return out
 

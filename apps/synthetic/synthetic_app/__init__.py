@@ -1,1 +1,1 @@
-"""A Flower app whose clients return a fixed synthetic update (for benchmarks)."""
+"""A Flower benchmark app: fixed synthetic updates, or a small MLP trained on generated data."""
