@@ -17,8 +17,9 @@ STAMP_OLD := $(VENV_OLD)/.installed
 # The next Flower, by hand only: a scratch venv with flwr-nightly and the project.
 FLWR_NIGHTLY ?= 1.43.0.dev20261026
 VENV_NIGHTLY := $(VENV)/flwr-nightly
-# Tests that touch Flower, on the in-process grid (cores do not depend on its version).
-IN_PROCESS := -m "not ray and not deployment and not cores"
+# The in-process tests of our Flower seams (marked `once`: Flower-free cores, whole apps
+# and federation-scale runs, which the seam tests cover, run on the main version only).
+IN_PROCESS := -m "not ray and not deployment and not once"
 
 .PHONY: install demo test test-flwr141 test-flwr-nightly lint clean
 

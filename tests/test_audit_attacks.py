@@ -16,6 +16,9 @@ from audit_toy_app import hook
 from flower_privacy.audit import attacks, empirical_eps, findings, inversion, metrics
 from flower_privacy.strategies import client_level_dp
 
+# Whole-app attack runs: on the main Flower version only (the seams have their own tests).
+pytestmark = pytest.mark.once
+
 
 @pytest.fixture()
 def seeded_dp_noise(monkeypatch):  # noqa: ANN201

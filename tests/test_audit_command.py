@@ -13,6 +13,9 @@ from flower_privacy import cli
 from flower_privacy.dp import noise
 from flower_privacy.strategies import _dp_clear, client_level_dp
 
+# Whole-app attack runs: on the main Flower version only (the seams have their own tests).
+pytestmark = pytest.mark.once
+
 ROWS = {"attacker", "attack", "config", "metric", "value"}
 
 

@@ -13,6 +13,9 @@ from digits_app.client_app import app as client_app
 
 from flower_privacy.testing import InProcessGrid
 
+# Whole-app runs: on the main Flower version only (the seams have their own tests).
+pytestmark = pytest.mark.once
+
 DEFAULTS = tomllib.loads((DIGITS_APP / "pyproject.toml").read_text())["tool"]["flwr"]["app"][
     "config"
 ]

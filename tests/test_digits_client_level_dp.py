@@ -11,6 +11,9 @@ from test_digits_app import DEFAULTS
 
 from flower_privacy.testing import InProcessGrid
 
+# Whole-app runs: on the main Flower version only (the seams have their own tests).
+pytestmark = pytest.mark.once
+
 
 @pytest.mark.parametrize("placement", ["central", "client", "distributed"])
 def test_each_placement_trains_within_its_budget(caplog, placement) -> None:  # noqa: ANN001

@@ -18,6 +18,9 @@ from test_digits_app import DEFAULTS
 from flower_privacy.dp.accounting import GaussianRounds, epsilon
 from flower_privacy.testing import InProcessGrid, capture_log_lines
 
+# Whole-app runs: on the main Flower version only (the seams have their own tests).
+pytestmark = pytest.mark.once
+
 # Measured (5 rounds, 10 IID nodes, noise multiplier 1.0): final central accuracy
 # 0.84-0.86, max client ε 20.2 at δ = 1e-5; plain FedAvg reaches 0.95.
 ACCURACY_RUN = {

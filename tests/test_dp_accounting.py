@@ -11,8 +11,8 @@ from dp_accounting.pld import PLDAccountant
 
 from flower_privacy.dp.accounting import GaussianRounds, calibrate, epsilon
 
-# Flower-free cores: run once, not again on each supported Flower version.
-pytestmark = pytest.mark.cores
+# Flower-free cores: run on the main Flower version only.
+pytestmark = pytest.mark.once
 
 
 @pytest.mark.parametrize(

@@ -49,8 +49,8 @@ from flower_privacy.dp.discrete_accounting import (
     subsampled_rdp,
 )
 
-# Flower-free cores: run once, not again on each supported Flower version.
-pytestmark = pytest.mark.cores
+# Flower-free cores: run on the main Flower version only.
+pytestmark = pytest.mark.once
 
 TEST_SEED = 20240601  # reproducible tests only: a seeded generator gives no privacy
 

@@ -14,8 +14,8 @@ from flower_privacy.he import codec
 from flower_privacy.he._tenseal import tenseal
 from flower_privacy.he.envelope import Envelope
 
-# Flower-free cores: run once, not again on each supported Flower version.
-pytestmark = pytest.mark.cores
+# Flower-free cores: run on the main Flower version only.
+pytestmark = pytest.mark.once
 
 LIMITS = he.DeclaredLimits(max_clients=8, max_weight=100, clip_range=2.0, precision_bits=16)
 SHAPES = {

@@ -23,8 +23,8 @@ from flower_privacy.secagg import protocol as proto
 from flower_privacy.secagg.floors import required_threshold
 from flower_privacy.secagg.quantize import Quantizer
 
-# Flower-free cores: run once, not again on each supported Flower version.
-pytestmark = pytest.mark.cores
+# Flower-free cores: run on the main Flower version only.
+pytestmark = pytest.mark.once
 
 STAGES = ("none", "prepare", "train", "unmask")
 QUANT = Quantizer(clip_range=1.0, max_weight=1, max_clients=64)

@@ -14,6 +14,9 @@ from flower_privacy.strategies import SecureAggregation
 from flower_privacy.testing import InProcessGrid
 from flower_privacy.testing.dropout import DROPOUT_FRACTION, DROPOUT_SEED, dropout_mod, drops
 
+# Federation-scale runs: on the main Flower version only (the seams have their own tests).
+pytestmark = pytest.mark.once
+
 
 def _expected(seed: int, nodes: list[int]) -> np.ndarray:
     parts, weights = [], []

@@ -11,8 +11,8 @@ from flower_privacy.secagg import graph, keys, prg, shamir
 from flower_privacy.secagg.prg import expand_mask
 from flower_privacy.secagg.quantize import Quantizer
 
-# Flower-free cores: run once, not again on each supported Flower version.
-pytestmark = pytest.mark.cores
+# Flower-free cores: run on the main Flower version only.
+pytestmark = pytest.mark.once
 
 
 def test_masks_are_deterministic_per_context_and_uniform() -> None:

@@ -33,8 +33,8 @@ from flower_privacy.secagg.prg import expand_mask
 from flower_privacy.secagg.quantize import Quantizer
 from flower_privacy.secagg.views import advertise_message, pair_keys, self_seed_commitment
 
-# Flower-free cores: run once, not again on each supported Flower version.
-pytestmark = pytest.mark.cores
+# Flower-free cores: run on the main Flower version only.
+pytestmark = pytest.mark.once
 
 QUANT = Quantizer(clip_range=4.0, max_weight=100, max_clients=50)
 CONTENT = b"the round's model, config and run config"

@@ -20,6 +20,9 @@ if str(SYNTHETIC_APP) not in sys.path:
 
 from synthetic_app import apps, task  # noqa: E402
 
+# Whole-app runs: on the main Flower version only (the seams have their own tests).
+pytestmark = pytest.mark.once
+
 DEFAULTS = tomllib.loads((SYNTHETIC_APP / "pyproject.toml").read_text())["tool"]["flwr"]["app"][
     "config"
 ]
