@@ -4,6 +4,10 @@ The digits model (Linear(64, 64) + ReLU first) and scikit-learn's digits, but ea
 node trains exactly one full-batch SGD step on its own ``toy-per-node`` rows (no
 Dirichlet partitioning, no dataset download): the setting the issue pins. The mods and
 the server strategies are the shipped ones (digits' ``build_strategy``).
+
+With ``toy-fixed-update`` each node takes its step from the initial model, whatever it
+receives, and uploads the received model plus that step: the same update every round
+(so the differencing attacker's estimates have a true update to be scored against).
 """
 
 from __future__ import annotations
@@ -28,6 +32,7 @@ DEFAULTS = {
     "min-nodes": 10,
     "privacy": "none",
     "toy-per-node": 24,
+    "toy-fixed-update": False,
     "seed": 7,
     "secagg-clip-range": 1.0,
     "secagg-max-weight": 1000,
@@ -65,16 +70,23 @@ app = ClientApp(mods=MODS)
 @app.train()
 def train(msg: Message, context: Context) -> Message:
     torch.set_num_threads(1)
-    net = task.Net(64, 10)
-    net.load_state_dict(msg.content["arrays"].to_torch_state_dict())
+    received = msg.content["arrays"].to_torch_state_dict()
+    fixed = bool(context.run_config["toy-fixed-update"])
+    net = model(context.run_config) if fixed else task.Net(64, 10)
+    if not fixed:
+        net.load_state_dict(received)
+    start = {k: v.detach().clone() for k, v in net.state_dict().items()}
     x, y = client_data(int(context.node_config["partition-id"]), 0, context.run_config)
     optimizer = torch.optim.SGD(net.parameters(), lr=LEARNING_RATE)
     optimizer.zero_grad()
     torch.nn.functional.cross_entropy(net(torch.from_numpy(x)), torch.from_numpy(y)).backward()
     optimizer.step()
+    new = {k: v.detach() for k, v in net.state_dict().items()}
+    if fixed:
+        new = {k: received[k] + (v - start[k]) for k, v in new.items()}
     content = RecordDict(
         {
-            "arrays": ArrayRecord({k: v.detach() for k, v in net.state_dict().items()}),
+            "arrays": ArrayRecord(new),
             "metrics": MetricRecord({"num-examples": len(y)}),
         }
     )
@@ -104,4 +116,5 @@ def hook() -> AuditHook:
         num_nodes=lambda cfg: int(cfg["min-nodes"]),
         default_config=DEFAULTS,
         configs=CONFIGS,
+        fixed_updates=lambda cfg: bool(cfg["toy-fixed-update"]),
     )

@@ -8,12 +8,15 @@ asserted thresholds. Client-level DP's server noise is seeded here (test only).
 
 from __future__ import annotations
 
+import dataclasses
+import random
+
 import numpy as np
 import pytest
 import torch
 from audit_toy_app import hook
 
-from flower_privacy.audit import attacks, empirical_eps, findings, inversion, metrics
+from flower_privacy.audit import attacks, empirical_eps, findings, inversion, metrics, report
 from flower_privacy.strategies import client_level_dp
 
 # Whole-app attack runs: on the main Flower version only (the seams have their own tests).
@@ -116,3 +119,35 @@ def test_model_inconsistency_under_secure_aggregation_is_refused(secagg_imprint)
     found = _finding(secagg_imprint, "malicious server", attack)
     assert found.value == 0 and found.verdict.startswith("refused"), found.verdict
     assert "inconsistent" in found.verdict or "unmask" in found.verdict
+
+
+def test_differencing_estimates_a_true_update_under_random_selection_not_with_groups(
+    monkeypatch,
+) -> None:  # noqa: ANN001
+    # Pinned draws (the digits strategy also seeds selection and the partition from "seed").
+    monkeypatch.setattr(random, "SystemRandom", lambda: random.Random(0))
+    common = {"clients-per-round": 6, "secagg-group-size": 2, "toy-fixed-update": True}
+    metric = "best cosine to a true update"
+    audits, found = {}, {}
+    for rule in ("random", "least-used"):
+        audits[rule] = _audit("secagg", {**common, "secagg-selection": rule}, {"differencing"}, 12)
+        found[rule] = _finding(audits[rule], "server, multi-round", "differencing", metric)
+    # Per-client sampling: a client's column is isolated, its estimate is its update.
+    assert found["random"].value > 0.999, found["random"].verdict
+    # Groups of two, chosen whole: every estimate mixes a group's two (correlated) one-step
+    # updates; measured 0.916 (the mean release alone: 0.647).
+    assert found["least-used"].value < 0.95, found["least-used"].verdict
+    assert found["least-used"].details["mean_release_cosine"] < found["least-used"].value
+    # The row reaches the JSON and the page.
+    document = report.to_json([audits["least-used"]], {"configs": ["secagg"]})
+    assert [r["value"] for r in document["attacks"] if r["metric"] == metric] == [
+        found["least-used"].value
+    ]
+    assert metric in report._html(document, [])
+
+
+def test_a_hook_claiming_fixed_updates_it_does_not_have_is_caught() -> None:
+    liar = dataclasses.replace(hook(), fixed_updates=lambda cfg: True)
+    settings = findings.AuditSettings(rounds=2, attacks=frozenset({"differencing"}))
+    with pytest.raises(ValueError, match="declares fixed updates"):
+        attacks.audit_config(liar, "secagg", {"toy-per-node": 4}, settings)

@@ -7,11 +7,12 @@ import torch
 from flwr.app import UserConfig
 from torch import nn
 
-from flower_privacy.audit import empirical_eps, imprint, inversion, metrics, runner
+from flower_privacy.audit import differencing, empirical_eps, imprint, inversion, metrics, runner
 from flower_privacy.audit.findings import (
     CLIENT,
     CURIOUS,
     DIFFERENCING,
+    DIFFERENCING_COSINE,
     KEY_HOLDER,
     MALICIOUS,
     MEMBERSHIP,
@@ -196,6 +197,42 @@ class _Auditor:
             f"every combination of round sums mixes at least {t} clients"
             if t > 1
             else "some combination of round sums is one client's update alone",
+        )
+        if self.hook.fixed_updates(self.cfg):
+            self.least_squares(fed)
+
+    def least_squares(self, fed: runner.Federation) -> None:
+        """Per-client updates by least squares over the rounds' releases (So et al.),
+        scored by the cosine to each client's true update."""
+        attack, metric = DIFFERENCING_COSINE
+        if fed.clear_updates:
+            self.add(DIFFERENCING, attack, metric, 1.0, "the server sees every update in the clear")
+            return
+        true = runner.fixed_updates(self.hook, self.cfg, fed.globals[0])
+        matrix = fed.participation()
+        seen = [j for j in range(matrix.shape[1]) if matrix[:, j].any()]
+        nodes = [fed.node_ids[j] for j in seen]
+        releases = np.stack([runner.flatten(fed.release(r)) for r in range(1, fed.rounds + 1)])
+        found, baseline = differencing.score(
+            matrix[:, seen], releases, np.stack([true[n] for n in nodes])
+        )
+        best = int(np.argmax(found))
+        value, baseline = round(float(found[best]), 4), round(baseline, 4)
+        how = (
+            f"recovers client {nodes[best]}'s update"
+            if value >= 0.99
+            else "mixes several clients' updates in every estimate"
+        )
+        self.add(
+            DIFFERENCING,
+            attack,
+            metric,
+            value,
+            f"least squares over {fed.rounds} rounds' aggregates {how} (best cosine "
+            f"{value:.3f}; the mean release alone reaches {baseline:.3f})",
+            best_client=nodes[best],
+            mean_release_cosine=baseline,
+            cosines={str(n): round(float(c), 4) for n, c in zip(nodes, found, strict=True)},
         )
 
     def malicious(self, honest: runner.Federation) -> None:

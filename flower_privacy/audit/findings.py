@@ -13,6 +13,8 @@ CURIOUS = "honest-but-curious server"
 MALICIOUS = "malicious server"
 CLIENT = "participating client"
 DIFFERENCING = "server, multi-round differencing"
+DIFFERENCING_COSINE = ("differencing", "best cosine to a true update")
+"""Attack and metric of the row scoring per-client estimates on a fixed-update app."""
 KEY_HOLDER = "key holders (HE)"
 MEMBERSHIP = "membership test on the final model"
 ATTACKS = frozenset({"inversion", "differencing", "imprint", "empirical-epsilon"})

@@ -74,6 +74,11 @@ class AuditHook:
         The app's run config (``[tool.flwr.app.config]``).
     configs : Mapping[str, UserConfig]
         Privacy configuration name -> run-config overrides that select it.
+    fixed_updates : Callable[[UserConfig], bool]
+        Whether, for a run config, every node uploads the same update in every round
+        (a test app). Then a client's true update is well defined and the audit scores
+        the differencing attacker's per-client estimates against it (the audit checks
+        the claim on a plain run and fails if it does not hold).
     """
 
     client_app: ClientApp
@@ -90,6 +95,7 @@ class AuditHook:
     num_nodes: Callable[[UserConfig], int]
     default_config: UserConfig = field(default_factory=dict)
     configs: Mapping[str, UserConfig] = field(default_factory=dict)
+    fixed_updates: Callable[[UserConfig], bool] = field(default=lambda cfg: False)
 
     def config(self, name: str, overrides: UserConfig | None = None) -> UserConfig:
         """The app's run config with configuration ``name`` and ``overrides`` applied."""

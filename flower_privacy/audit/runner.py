@@ -23,6 +23,7 @@ from flwr.app import (
     UserConfig,
 )
 from flwr.clientapp import ClientApp
+from flwr.serverapp.strategy import FedAvg, Strategy
 
 from flower_privacy.audit.hook import AuditHook
 from flower_privacy.testing import InProcessGrid
@@ -114,6 +115,7 @@ def run(
     extra_nodes: int = 0,
     extra_app: ClientApp | None = None,
     rewrite: Callable[[Message], Message] | None = None,
+    strategy: Strategy | None = None,
 ) -> Federation:
     """Run ``rounds`` rounds of the app for ``cfg``; the server starts from ``initial``.
 
@@ -121,6 +123,7 @@ def run(
     ClientApp; the real nodes keep the partitioning of ``hook.num_nodes(cfg)`` nodes.
     ``rewrite`` sees every server-to-node message before delivery (a malicious server).
     The transcript records messages as delivered, so the attacker's own rewrites count.
+    ``strategy`` replaces the app's (e.g. a plain FedAvg to see every true update).
     """
     real = hook.num_nodes(cfg)
     total = real + extra_nodes
@@ -149,7 +152,8 @@ def run(
         marks.append(len(grid.transcript))
         return None
 
-    strategy = hook.strategy(cfg, total)
+    if strategy is None:
+        strategy = hook.strategy(cfg, total)
     result = strategy.start(
         grid=grid,
         initial_arrays=to_record(initial),
@@ -190,6 +194,29 @@ def run(
         train_metrics={r: dict(m) for r, m in result.train_metrics_clientapp.items()},
         halt_reason=getattr(result, "halt_reason", None),
     )
+
+
+def fixed_updates(hook: AuditHook, cfg: UserConfig, initial: State) -> dict[int, np.ndarray]:
+    """Each node's (flattened) update, seen in the clear on a plain FedAvg run of every
+    node from ``initial``; the second of its two rounds checks the updates are fixed."""
+    n = hook.num_nodes(cfg)
+    plain = FedAvg(
+        fraction_train=1.0, fraction_evaluate=0.0, min_train_nodes=n, min_available_nodes=n
+    )
+    fed = run(hook, cfg, rounds=2, initial=initial, strategy=plain)
+    first, second = fed.clear_updates.get(1, {}), fed.clear_updates.get(2, {})
+    true = {}
+    for node in fed.node_ids:
+        if node not in first or node not in second:
+            raise RuntimeError(f"node {node} sent no clear update in the plain reference run")
+        a, b = flatten(first[node]), flatten(second[node])
+        if not np.allclose(a, b, rtol=1e-4, atol=1e-6 * max(1.0, float(np.abs(a).max()))):
+            raise ValueError(
+                f"the hook declares fixed updates, but node {node}'s update changed "
+                f"between rounds (max difference {np.abs(a - b).max():.3g})"
+            )
+        true[node] = a
+    return true
 
 
 def replace_model(message: Message, state: Mapping[str, np.ndarray]) -> Message:
