@@ -43,17 +43,6 @@ def test_digits_runs_with_flwr_run_on_ray(no_leftover_processes) -> None:
     assert sum("[ROUND" in line for line in outcome.log) == 2
 
 
-def test_secure_aggregation_with_groups_runs_on_ray(no_leftover_processes) -> None:  # noqa: ANN001
-    federation = load_federation_preset(find_preset("cpu-10"))
-    run_config = "num-server-rounds=2 privacy='secagg' secagg-group-size=2 clients-per-round=6"
-    with LocalSimulation() as sim:
-        outcome = sim.run(DIGITS_APP, federation, run_config=[run_config], timeout=300)
-    assert_completed(outcome)
-    assert sum("securely aggregated 6 clients" in line for line in outcome.log) == 2
-    assert any("'secagg-privacy-t'" in line for line in outcome.log)
-    assert outcome.final_accuracy is not None and outcome.final_accuracy > 0.3
-
-
 def test_encrypted_fedavg_runs_on_ray(no_leftover_processes) -> None:  # noqa: ANN001
     # The ServerApp generates the keys into a private temp folder; clients find them.
     federation = load_federation_preset(find_preset("cpu-10"))
