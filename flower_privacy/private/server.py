@@ -114,22 +114,3 @@ def _encrypted(strategy: Strategy, config: PrivacyConfig) -> EncryptedFedAvg:
         precision_bits=config.he_precision_bits,
         save_path=config.he_save_path,
     )
-
-
-def participation_t(strategy: Strategy) -> int | None:
-    """Multi-round privacy T of the rounds so far (``secagg-groups``), else None.
-
-    T is the fewest clients any combination of the rounds' aggregates can isolate,
-    from the participation audit (exact, or its lower bound when the search is cut).
-    Participation is public to the server, so T is too.
-    """
-    layer = strategy
-    while isinstance(layer, StrictRounds):
-        plan = getattr(layer, "plan", None) if isinstance(layer, SecureAggregation) else None
-        if plan is not None:
-            if not plan.history:
-                return None
-            checked = plan.audit()
-            return checked.exact if checked.exact is not None else checked.lower_bound
-        layer = layer.strategy
-    return None

@@ -20,8 +20,9 @@ from digits_app.task import Net, evaluate, load_server_test, model_shape
 from flower_privacy import make_private
 from flower_privacy.private.config import ROUND_TIMEOUT
 from flower_privacy.private.matrix import CLIENT_LEVEL_DP, DP_SGD, HE, MECHANISMS
-from flower_privacy.private.server import participation_t
 from flower_privacy.strategies import PrivacyResult, StrictRounds
+from flower_privacy.wire import dp as dp_wire
+from flower_privacy.wire import secagg as secagg_wire
 
 # Mechanisms under which the server may see the global model (and so evaluate it
 # centrally): secure aggregation hides each client's update, not the aggregate model;
@@ -158,7 +159,7 @@ def main(grid: Grid, context: Context) -> None:
             return MetricRecord({"loss": loss, "accuracy": accuracy})
 
     def report_round(server_round: int, result: Result) -> bool:
-        log(INFO, "%s", round_line(server_round, result, participation_t(strategy)))
+        log(INFO, "%s", round_line(server_round, result))
         return False  # report only; the strategies stop the run themselves
 
     result = strategy.start(
@@ -170,19 +171,21 @@ def main(grid: Grid, context: Context) -> None:
         evaluate_fn=evaluate_fn,
         should_stop=report_round,
     )
-    log(INFO, "privacy: %s", privacy_summary(privacy_name(cfg), result, participation_t(strategy)))
+    log(INFO, "privacy: %s", privacy_summary(privacy_name(cfg), result))
     accuracy = final_accuracy(result)
     if accuracy is None:
         raise RuntimeError("the run produced no accuracy: no evaluation succeeded")
     log(INFO, "final accuracy: %.3f", accuracy)
 
 
-def round_line(server_round: int, result: Result, privacy_t: int | None) -> str:
+def round_line(server_round: int, result: Result) -> str:
     """``round r: accuracy A, ε E, T t``: what one round cost and gave (absent: "-")."""
     central = result.evaluate_metrics_serverapp.get(server_round, {})
     federated = result.evaluate_metrics_clientapp.get(server_round, {})
     accuracy = central.get("accuracy", federated.get("eval-acc"))
-    epsilon = result.train_metrics_clientapp.get(server_round, {}).get("dp-epsilon")
+    train = result.train_metrics_clientapp.get(server_round, {})
+    epsilon = train.get(dp_wire.METRIC_EPSILON)
+    privacy_t = train.get(secagg_wire.METRIC_PRIVACY_T)
     return (
         f"round {server_round}: accuracy {_figure(accuracy, '.3f')}, "
         f"ε {_figure(epsilon, '.3f')}, T {_figure(privacy_t, 'd')}"
@@ -193,9 +196,16 @@ def _figure(value: object, spec: str) -> str:
     return "-" if value is None else format(value, spec)
 
 
-def privacy_summary(name: str, result: Result, privacy_t: int | None) -> str:
+def privacy_summary(name: str, result: Result) -> str:
     """One line: the configuration and what it guarantees after the run."""
     parts = [name]
+    # The participation audit's T after the last aggregated round (reported by the strategy).
+    audited = [
+        m[secagg_wire.METRIC_PRIVACY_T]
+        for _, m in sorted(result.train_metrics_clientapp.items())
+        if secagg_wire.METRIC_PRIVACY_T in m
+    ]
+    privacy_t = audited[-1] if audited else None
     names = set(name.split("+"))
     rounds = [
         r
