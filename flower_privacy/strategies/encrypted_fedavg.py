@@ -20,11 +20,10 @@ from pathlib import Path
 from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord
 from flwr.common import log
 from flwr.serverapp import Grid
-from flwr.serverapp.strategy import FedAvg, FedProx, Result, Strategy
+from flwr.serverapp.strategy import FedAvg, FedProx, Strategy
 
 from flower_privacy import he
-from flower_privacy.errors import RoundFailedError, RunHaltedError
-from flower_privacy.strategies.result import PrivacyResult
+from flower_privacy.errors import RoundFailedError
 from flower_privacy.strategies.strict_rounds import StrictRounds
 from flower_privacy.wire import he as wire
 
@@ -114,23 +113,16 @@ class EncryptedFedAvg(StrictRounds):
         )
         super().summary()
 
-    def start(
+    def _run_input(
         self,
-        grid: Grid,
         initial_arrays: ArrayRecord,
-        num_rounds: int = 3,
-        timeout: float = 3600,
-        train_config: ConfigRecord | None = None,
-        evaluate_config: ConfigRecord | None = None,
-        evaluate_fn: Callable[[int, ArrayRecord], MetricRecord | None] | None = None,
-        should_stop: Callable[[int, Result], bool] | None = None,
-    ) -> PrivacyResult:
-        """Encrypt the (public) initial model, then run like :meth:`StrictRounds.start`.
+        evaluate_fn: Callable[[int, ArrayRecord], MetricRecord | None] | None,
+    ) -> ArrayRecord:
+        """Encrypt the (public) initial model; ``evaluate_fn`` is refused.
 
-        ``result.arrays`` holds the *encrypted* final model (see
-        :func:`encrypted_model_bytes`). ``evaluate_fn`` is refused: the server cannot
-        evaluate a model it cannot read; evaluation is federated. ``should_stop`` sees
-        the result so far (encrypted model, federated metrics) after each round.
+        The server cannot evaluate a model it cannot read; evaluation is federated.
+        ``result.arrays`` then holds the *encrypted* final model (see
+        :func:`encrypted_model_bytes`).
         """
         if evaluate_fn is not None:
             raise ValueError(
@@ -147,23 +139,11 @@ class EncryptedFedAvg(StrictRounds):
                 initial.clipped,
                 self.limits.clip_range,
             )
-        encrypted = wire.ciphertext_record(initial.envelope.to_bytes())
-        try:
-            result = super().start(
-                grid,
-                encrypted,
-                num_rounds,
-                timeout,
-                train_config,
-                evaluate_config,
-                None,
-                should_stop=should_stop,
-            )
-        except RunHaltedError as err:
-            self._save(err.result.arrays)
-            raise
-        self._save(result.arrays)
-        return result
+        return wire.ciphertext_record(initial.envelope.to_bytes())
+
+    def _run_output(self, arrays: ArrayRecord) -> None:
+        """Write the encrypted final model (``save_path``), halted run or not."""
+        self._save(arrays)
 
     def prepare_run(self, grid: Grid, num_rounds: int) -> None:
         """Forget the aggregates, sent models and refusals of any earlier run."""

@@ -10,21 +10,19 @@ nodes that did not answer. Every flower-privacy wrapper builds on it.
 
 from __future__ import annotations
 
-import io
 import time
 from collections.abc import Callable, Iterable
 from logging import ERROR, INFO, WARNING
 
-import numpy as np
 from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
 from flwr.common import log
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import Result, Strategy
 
 from flower_privacy.errors import NotEnoughNodesError, RoundFailedError, RunHaltedError
+from flower_privacy.strategies import _replies
+from flower_privacy.strategies._round_loop import run_rounds
 from flower_privacy.strategies.result import PrivacyResult
-
-_ARRAYS_KEY = "arrays"
 
 
 class StrictRounds(Strategy):
@@ -78,7 +76,7 @@ class StrictRounds(Strategy):
         self._sent_to: dict[int, list[int]] = {}
         self._evaluated_by: dict[int, list[int]] = {}
         self.round_timeout = 3600.0
-        self._expected_shapes: dict[str, tuple[tuple[int, ...], str]] = {}
+        self._expected_shapes: _replies.Shapes = {}
 
     # -- the five Strategy methods -------------------------------------------------
 
@@ -98,7 +96,7 @@ class StrictRounds(Strategy):
     ) -> Iterable[Message]:
         """Wait (bounded) for enough nodes, then let the inner strategy configure."""
         self._wait_for_nodes(grid)
-        self._expected_shapes = _shapes_of(arrays)
+        self._expected_shapes = _replies.shapes_of(arrays)
         messages = list(self.strategy.configure_train(server_round, arrays, config, grid))
         self._sent_to[server_round] = [m.metadata.dst_node_id for m in messages]
         return messages
@@ -140,7 +138,7 @@ class StrictRounds(Strategy):
     @staticmethod
     def _check_finite(server_round: int, arrays: ArrayRecord) -> None:
         """Fail the round if an aggregated array holds NaN or inf."""
-        bad = _first_non_finite(arrays)
+        bad = _replies.first_non_finite(arrays)
         if bad is not None:
             raise RoundFailedError(server_round, f"aggregated array '{bad}' has NaN or inf values")
 
@@ -177,26 +175,8 @@ class StrictRounds(Strategy):
         )
         return usable
 
-    @staticmethod
-    def _require_usable(
-        server_round: int,
-        usable_count: int,
-        sent_to: list[int],
-        problems: list[str],
-        silent: list[int],
-        minimum: int,
-        what: str,
-    ) -> None:
-        """Raise :class:`RoundFailedError` if fewer than ``minimum`` ``what`` are usable."""
-        if usable_count < minimum:
-            detail = "; ".join(problems) if problems else "no errors reported"
-            if silent:
-                detail += f"; no reply from {len(silent)} node(s)"
-            raise RoundFailedError(
-                server_round,
-                f"{usable_count} usable {what} of {len(sent_to)} requested, "
-                f"at least {minimum} needed ({detail})",
-            )
+    _require_usable = staticmethod(_replies.require_usable)
+    _log_silent_nodes = staticmethod(_replies.log_silent_nodes)
 
     def configure_evaluate(
         self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
@@ -251,109 +231,24 @@ class StrictRounds(Strategy):
         if num_rounds < 1:
             raise ValueError(f"num_rounds must be >= 1, got {num_rounds}")
         self.set_round_timeout(timeout)
-        train_config = ConfigRecord() if train_config is None else train_config
-        evaluate_config = ConfigRecord() if evaluate_config is None else evaluate_config
-        log(INFO, "Starting %s strategy for %d rounds:", type(self).__name__, num_rounds)
-        self.prepare_run(grid, num_rounds)
-        self.summary()
-
-        result = PrivacyResult(arrays=initial_arrays)
-        t_start = time.time()
-        if evaluate_fn:
-            self._evaluate_centrally(evaluate_fn, 0, initial_arrays, result)
-        arrays = initial_arrays
-        consecutive_failures = 0
-        for server_round in range(1, num_rounds + 1):
-            stop = self.stop_reason(server_round)
-            if stop is not None:
-                result.halt_reason = stop
-                log(WARNING, "Run stopped before round %d: %s", server_round, stop)
-                break
-            log(INFO, "")
-            log(INFO, "[ROUND %s/%s]", server_round, num_rounds)
-            try:
-                new_arrays, train_metrics = self._train_round(
-                    grid, server_round, arrays, train_config, timeout
-                )
-            except (RoundFailedError, NotEnoughNodesError) as err:
-                consecutive_failures += 1
-                self._record_failure(result, server_round, err, consecutive_failures)
-            else:
-                previous, arrays = arrays, new_arrays
-                result.arrays = arrays
-                if train_metrics is not None:
-                    log(INFO, "\t└──> Aggregated MetricRecord: %s", train_metrics)
-                    result.train_metrics_clientapp[server_round] = train_metrics
-                try:
-                    self._evaluate_round(
-                        grid, server_round, arrays, evaluate_config, timeout, result
-                    )
-                except RoundFailedError as err:
-                    # The nodes refused the new model (e.g. it failed their checks): roll back.
-                    arrays = result.arrays = previous
-                    consecutive_failures += 1
-                    self._record_failure(
-                        result, server_round, err, consecutive_failures, "evaluation refused"
-                    )
-                else:
-                    consecutive_failures = 0
-                    if evaluate_fn:
-                        self._evaluate_centrally(evaluate_fn, server_round, arrays, result)
-            # Called after a tolerated failed round too: the caller sees it in the result.
-            if should_stop is not None and should_stop(server_round, result):
-                if server_round < num_rounds:  # after the last round it stops nothing
-                    result.halt_reason = f"should_stop returned True after round {server_round}"
-                    log(INFO, "Stopping early after round %d (should_stop)", server_round)
-                break
-
-        log(INFO, "")
-        log(INFO, "Strategy execution finished in %.2fs", time.time() - t_start)
-        for line in io.StringIO(str(result)):
-            log(INFO, "\t%s", line.rstrip("\n"))
-        return result
-
-    def _record_failure(
-        self,
-        result: PrivacyResult,
-        server_round: int,
-        err: RoundFailedError | NotEnoughNodesError,
-        consecutive: int,
-        stage: str = "",
-    ) -> None:
-        """Record a failed round; raise RunHaltedError once the run cannot go on."""
-        reason = err.reason if isinstance(err, RoundFailedError) else str(err)
-        if stage:
-            reason = f"{stage}: {reason}"
-        result.failed_rounds[server_round] = reason
-        log(ERROR, "[ROUND %s] FAILED: %s (global model not updated)", server_round, reason)
-        if isinstance(err, NotEnoughNodesError) or consecutive > self.max_failed_rounds:
-            result.halt_reason = (
-                f"round {server_round} failed ({reason}) after {consecutive} consecutive "
-                f"failed round(s); max_failed_rounds={self.max_failed_rounds}"
+        initial_arrays = self._run_input(initial_arrays, evaluate_fn)
+        try:
+            result = run_rounds(
+                self,
+                grid,
+                initial_arrays,
+                num_rounds,
+                timeout,
+                ConfigRecord() if train_config is None else train_config,
+                ConfigRecord() if evaluate_config is None else evaluate_config,
+                evaluate_fn,
+                should_stop,
             )
-            log(ERROR, "Run halted: %s", result.halt_reason)
-            raise RunHaltedError(result.halt_reason, result) from err
-
-    def _evaluate_round(
-        self,
-        grid: Grid,
-        server_round: int,
-        arrays: ArrayRecord,
-        config: ConfigRecord,
-        timeout: float,
-        result: PrivacyResult,
-    ) -> None:
-        messages = list(self.configure_evaluate(server_round, arrays, config, grid))
-        if not messages:
-            return
-        _limit_ttl(messages, timeout)
-        replies = grid.send_and_receive(messages=messages, timeout=timeout)
-        metrics = self.aggregate_evaluate(server_round, replies)
-        if metrics is None:
-            log(WARNING, "round %d: federated evaluation returned no metrics", server_round)
-        else:
-            log(INFO, "\t└──> Aggregated MetricRecord: %s", metrics)
-            result.evaluate_metrics_clientapp[server_round] = metrics
+        except RunHaltedError as err:
+            self._run_output(err.result.arrays)
+            raise
+        self._run_output(result.arrays)
+        return result
 
     # -- seams for wrappers ----------------------------------------------------------
 
@@ -370,6 +265,17 @@ class StrictRounds(Strategy):
         self.round_timeout = float(timeout)
         if isinstance(self.strategy, StrictRounds):
             self.strategy.set_round_timeout(timeout)
+
+    def _run_input(
+        self,
+        initial_arrays: ArrayRecord,
+        evaluate_fn: Callable[[int, ArrayRecord], MetricRecord | None] | None,
+    ) -> ArrayRecord:
+        """The model round 1 starts from (a wrapper may refuse ``evaluate_fn`` or encrypt)."""
+        return initial_arrays
+
+    def _run_output(self, arrays: ArrayRecord) -> None:
+        """Called with the final model when the run ends, halted or not."""
 
     def prepare_run(self, grid: Grid, num_rounds: int) -> None:
         """Called by :meth:`start` before round 1; wrappers set up per-run state here."""
@@ -395,40 +301,6 @@ class StrictRounds(Strategy):
 
     # -- helpers -------------------------------------------------------------------
 
-    def _train_round(
-        self,
-        grid: Grid,
-        server_round: int,
-        arrays: ArrayRecord,
-        config: ConfigRecord,
-        timeout: float,
-    ) -> tuple[ArrayRecord, MetricRecord | None]:
-        messages = list(self.configure_train(server_round, arrays, config, grid))
-        if not messages and not self.empty_rounds_aggregate:
-            raise RoundFailedError(server_round, "no node was selected for training")
-        _limit_ttl(messages, timeout)
-        replies = grid.send_and_receive(messages=messages, timeout=timeout) if messages else []
-        new_arrays, metrics = self.aggregate_train(server_round, replies)
-        if new_arrays is None:  # a subclass may override aggregate_train
-            raise RoundFailedError(server_round, "aggregation returned no model")
-        return new_arrays, metrics
-
-    @staticmethod
-    def _log_silent_nodes(
-        server_round: int, stage: str, asked: list[int], replies: list[Message]
-    ) -> list[int]:
-        replied = {m.metadata.src_node_id for m in replies}
-        silent = [node for node in asked if node not in replied]
-        if silent:
-            log(
-                WARNING,
-                "round %d: no %s reply from node(s) %s before the timeout (node down or too slow)",
-                server_round,
-                stage,
-                silent,
-            )
-        return silent
-
     def _wait_for_nodes(self, grid: Grid) -> None:
         needed = int(getattr(self.innermost, "min_available_nodes", 1))
         deadline = time.monotonic() + self.node_wait_timeout
@@ -444,56 +316,4 @@ class StrictRounds(Strategy):
 
     def _reply_problem(self, reply: Message) -> str | None:
         """Why a training reply cannot be aggregated, or None if it can."""
-        if reply.has_error():
-            return f"error reply ({reply.error.reason})"
-        records = [r for r in reply.content.array_records.values()]
-        if len(records) != 1:
-            return f"expected exactly one ArrayRecord, found {len(records)}"
-        received = _shapes_of(records[0])
-        if self._expected_shapes and received != self._expected_shapes:
-            missing = sorted(set(self._expected_shapes) - set(received))
-            extra = sorted(set(received) - set(self._expected_shapes))
-            wrong = sorted(
-                key
-                for key in set(received) & set(self._expected_shapes)
-                if received[key] != self._expected_shapes[key]
-            )
-            return (
-                "arrays do not match the global model "
-                f"(missing {missing}, unexpected {extra}, wrong shape or dtype {wrong})"
-            )
-        bad = _first_non_finite(records[0])
-        if bad is not None:
-            return f"array '{bad}' has NaN or inf values"
-        return None
-
-    @staticmethod
-    def _evaluate_centrally(
-        evaluate_fn: Callable[[int, ArrayRecord], MetricRecord | None],
-        server_round: int,
-        arrays: ArrayRecord,
-        result: PrivacyResult,
-    ) -> None:
-        metrics = evaluate_fn(server_round, arrays)
-        log(INFO, "Global evaluation (round %d): %s", server_round, metrics)
-        if metrics is not None:
-            result.evaluate_metrics_serverapp[server_round] = metrics
-
-
-def _limit_ttl(messages: list[Message], timeout: float) -> None:
-    # Inner Flower strategies (FedAvg) send Flower's default TTL of 12 hours: a message
-    # still queued after the round gave up on it must not be delivered later.
-    for message in messages:
-        message.metadata.ttl = min(message.metadata.ttl, timeout)
-
-
-def _shapes_of(arrays: ArrayRecord) -> dict[str, tuple[tuple[int, ...], str]]:
-    return {key: (tuple(arr.shape), str(arr.dtype)) for key, arr in arrays.items()}
-
-
-def _first_non_finite(arrays: ArrayRecord) -> str | None:
-    for key, arr in arrays.items():
-        values = arr.numpy()
-        if np.issubdtype(values.dtype, np.floating) and not np.isfinite(values).all():
-            return key
-    return None
+        return _replies.reply_problem(reply, self._expected_shapes)
