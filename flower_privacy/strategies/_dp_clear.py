@@ -8,9 +8,12 @@ sum over the fixed denominator m, and moves the clip norm (adaptive clipping).
 from __future__ import annotations
 
 from collections.abc import Iterable
+from logging import INFO
 
 import numpy as np
 from flwr.app import ArrayRecord, Message
+from flwr.common import log
+from flwr.serverapp import Grid
 
 from flower_privacy._arrays import add_flat
 from flower_privacy.dp.clipping import clip_l2, noisy_unclipped_fraction
@@ -23,6 +26,33 @@ _CLIP_SLACK = 1e-3
 
 class InTheClear:
     """The release steps of the placements in which the server sees updates."""
+
+    def _configure_in_the_clear(
+        self, server_round: int, arrays: ArrayRecord, messages: list[Message], grid: Grid
+    ) -> list[Message]:
+        """Keep the global model to check updates against; Poisson-sample the messages."""
+        # Updates are computed (and, client placement, checked) against these.
+        self._global_flat = np.concatenate(
+            [a.numpy().astype(np.float64).reshape(-1) for a in arrays.values()]
+        )
+        self._global_norm = float(np.linalg.norm(self._global_flat))
+        self._checked_deltas: dict[int, tuple[np.ndarray, bool]] = {}
+        connected = sorted(grid.get_node_ids())
+        addressed = sorted(m.metadata.dst_node_id for m in messages)
+        if addressed != connected:
+            raise ValueError(
+                f"the inner strategy addressed {len(addressed)} of {len(connected)} "
+                "connected nodes; ClientLevelDP needs every node (fraction_train=1.0): "
+                "it samples itself with sampling_rate (Poisson), and a fixed-size sample "
+                "would let one client push another out, doubling the sensitivity"
+            )
+        if self.sampling_rate is None:
+            return messages
+        # Each node independently with probability q (CSPRNG-seeded generator).
+        keep = {n for n in addressed if self._rng.random() < self.sampling_rate}
+        self._sent_to[server_round] = sorted(keep)
+        log(INFO, "ClientLevelDP: Poisson sample of %d of %d nodes", len(keep), len(addressed))
+        return [m for m in messages if m.metadata.dst_node_id in keep]
 
     def _reply_problem(self, reply: Message) -> str | None:
         problem = super()._reply_problem(reply)

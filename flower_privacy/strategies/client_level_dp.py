@@ -18,7 +18,6 @@ kept) when one more round would exceed the target. The maths lives in
 
 from __future__ import annotations
 
-import math
 from collections.abc import Iterable
 from logging import INFO, WARNING
 
@@ -28,17 +27,19 @@ from flwr.common import log
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import Strategy
 
-from flower_privacy.dp.accounting import (
-    GaussianRounds,
-    adaptive_update_noise,
-    calibrate,
-)
+from flower_privacy.dp.accounting import adaptive_update_noise
 from flower_privacy.dp.clipping import AdaptiveClipping
-from flower_privacy.dp.discrete_accounting import DistributedPlan, plan_distributed
+from flower_privacy.dp.discrete_accounting import DistributedPlan
 from flower_privacy.dp.distributed import DistributedNoiseEncoding
 from flower_privacy.dp.ledger import PrivacyLedger
 from flower_privacy.dp.noise import secure_generator
 from flower_privacy.errors import RoundFailedError
+from flower_privacy.strategies._dp_budget import (
+    budget_stop_reason,
+    distributed_budget,
+    gaussian_budget,
+    resumable_ledger,
+)
 from flower_privacy.strategies._dp_checks import check_arguments, check_inner
 from flower_privacy.strategies._dp_clear import InTheClear
 from flower_privacy.strategies.secure_aggregation import SecureAggregation
@@ -46,8 +47,6 @@ from flower_privacy.strategies.strict_rounds import StrictRounds
 from flower_privacy.wire import dp as wire
 from flower_privacy.wire import secagg as wire_secagg
 
-# Conditional randomised rounding's β (Kairouz et al. 2021; their experiments' e^-1/2).
-_BETA = math.exp(-0.5)
 # Participation counts are public in the distributed placement (zero-out relation).
 _PUBLIC_SECAGG_METRICS = (
     wire_secagg.METRIC_CLIENTS,
@@ -199,39 +198,16 @@ class ClientLevelDP(InTheClear, StrictRounds):
         self.planned_rounds, self.distributed_plan = num_rounds, None
         self._encoding: DistributedNoiseEncoding | None = None
         self.ledger, resume, self._resume = None, self._resume, None
-        q = self.accounted_sampling_rate
-        if self.placement == "distributed":
-            pass  # calibrated at round 1, when the model's size is known
-        elif resume is not None:
-            self.ledger = resume
-            self.noise_multiplier = resume.event.noise_multiplier
-            log(
-                INFO,
-                "ClientLevelDP: resumed after %d released round(s) (ε=%.4f), noise multiplier "
-                "%.4f kept",
-                resume.released,
-                resume.epsilon(),
-                self.noise_multiplier,
+        if self.placement != "distributed":  # distributed: at round 1 (the model's size)
+            self.noise_multiplier, self.ledger = gaussian_budget(
+                target_epsilon=self.target_epsilon,
+                fixed_noise_multiplier=self.fixed_noise_multiplier,
+                delta=self.delta,
+                sampling_rate=self.accounted_sampling_rate,
+                rounds=num_rounds,
+                accountant=self.accountant,
+                resume=resume,
             )
-        elif self.fixed_noise_multiplier is None:
-            assert self.target_epsilon is not None
-            self.noise_multiplier = calibrate(
-                self.target_epsilon, self.delta, q, num_rounds, self.accountant
-            )
-            log(
-                INFO,
-                "ClientLevelDP: noise multiplier %.4f calibrated for ε=%s, δ=%g, q=%s, %d rounds",
-                self.noise_multiplier,
-                self.target_epsilon,
-                self.delta,
-                q,
-                num_rounds,
-            )
-        else:
-            self.noise_multiplier = self.fixed_noise_multiplier
-        if self.placement != "distributed" and self.ledger is None:
-            one = GaussianRounds(self.noise_multiplier, q, 1)
-            self.ledger = PrivacyLedger(one, self.delta, self.accountant)
         if self.sampling_rate is not None:
             self._wait_for_nodes(grid)
             population = len(list(grid.get_node_ids()))
@@ -245,26 +221,13 @@ class ClientLevelDP(InTheClear, StrictRounds):
             return None
         if self.placement == "distributed" and self.distributed_plan is None:
             return None  # round 1: calibrated for the target when it is configured
-        after_next = self._epsilon_after(self.released + 1)
-        if after_next <= self.target_epsilon:
-            return None
-        spent = self._epsilon_after(self.released) if self.released else 0.0
-        reason = (
-            f"privacy budget spent: ε={spent:.4f} after {self.released} private round(s); "
-            f"one more would reach ε={after_next:.4f} > target {self.target_epsilon} "
-            f"(δ={self.delta:g})"
-        )
-        log(WARNING, "ClientLevelDP: %s; keeping the last model", reason)
-        return reason
+        assert self.ledger is not None
+        return budget_stop_reason(self.ledger, self.target_epsilon, self.delta)
 
     @property
     def released(self) -> int:
         """Rounds of this run (and of the run it resumed) the server released."""
         return 0 if self.ledger is None else self.ledger.released
-
-    def _epsilon_after(self, rounds: int) -> float:
-        assert self.ledger is not None
-        return self.ledger.epsilon(rounds)
 
     def state_dict(self) -> dict:
         """The privacy ledger's state after the last run, to resume with ε intact."""
@@ -278,69 +241,32 @@ class ClientLevelDP(InTheClear, StrictRounds):
         The earlier run's noise multiplier is kept (it must have been accounted with
         this strategy's δ, accountant and sampling rate).
         """
-        if self.placement == "distributed":
-            raise ValueError(
-                "resuming the distributed placement is not supported yet: its noise shares "
-                "are planned for a fixed number of rounds at round 1"
-            )
-        ledger = PrivacyLedger.from_state_dict(state)
-        event = ledger.event
-        if not isinstance(event, GaussianRounds):
-            raise ValueError(f"a {type(event).__name__} ledger cannot resume {self.placement!r}")
-        mismatch = [
-            f"{name} {theirs} != {ours}"
-            for name, theirs, ours in (
-                ("delta", ledger.delta, self.delta),
-                ("accountant", ledger.accountant, self.accountant),
-                ("sampling rate", event.sampling_rate, self.accounted_sampling_rate),
-            )
-            if theirs != ours
-        ]
-        if self.fixed_noise_multiplier not in (None, event.noise_multiplier):
-            mismatch.append(
-                f"noise multiplier {event.noise_multiplier} != {self.fixed_noise_multiplier}"
-            )
-        if mismatch:
-            raise ValueError(f"the saved ledger does not match this strategy: {mismatch}")
-        self._resume = ledger
+        self._resume = resumable_ledger(
+            state,
+            placement=self.placement,
+            delta=self.delta,
+            accountant=self.accountant,
+            sampling_rate=self.accounted_sampling_rate,
+            fixed_noise_multiplier=self.fixed_noise_multiplier,
+        )
 
     def _plan_distributed(self, arrays: ArrayRecord) -> None:
         """Calibrate each client's integer noise share for the target, before round 1."""
         assert self.secure is not None and self.target_epsilon is not None
-        dim = sum(int(np.prod(a.shape)) for a in arrays.values())
-        plan = plan_distributed(
+        budget = distributed_budget(
             self.mechanism,
-            self.target_epsilon,
-            self.delta,
+            target_epsilon=self.target_epsilon,
+            delta=self.delta,
             clip=self.clip_norm,
-            dim=dim,
+            dim=sum(int(np.prod(a.shape)) for a in arrays.values()),
             sampling_rate=self.accounted_sampling_rate,
             rounds=self.planned_rounds,
             min_clients=self.secure.min_train_replies,
             max_clients=self.secure.quantizer.max_clients,
-            beta=_BETA,
+            accountant=self.accountant,
         )
-        self.distributed_plan = plan
-        self.ledger = PrivacyLedger(plan.event, self.delta, self.accountant)
-        # The Gaussian-equivalent z: summed noise std over the rounded update's L2 bound.
-        self.noise_multiplier = math.sqrt(plan.noise_variance) / plan.l2_sensitivity
-        self._encoding = DistributedNoiseEncoding(
-            self.mechanism, self.clip_norm, plan.scale, plan.share_variance, _BETA
-        )
-        log(
-            INFO,
-            "ClientLevelDP: %s noise, scale %.4g, share variance %.4g per client (sum over "
-            ">= %d survivors: noise multiplier >= %.4f), ε=%.4f after %d rounds, wrap-around "
-            "probability <= %.2g per round",
-            self.mechanism,
-            plan.scale,
-            plan.share_variance,
-            self.secure.min_train_replies,
-            self.noise_multiplier,
-            plan.epsilon,
-            self.planned_rounds,
-            plan.wrap_probability,
-        )
+        self.distributed_plan, self.ledger = budget.plan, budget.ledger
+        self.noise_multiplier, self._encoding = budget.noise_multiplier, budget.encoding
 
     def _fix_expected_clients(self, expected: float) -> None:
         """Fix m (the denominator and the count noise scale) once per run."""
@@ -411,26 +337,7 @@ class ClientLevelDP(InTheClear, StrictRounds):
         messages = list(super().configure_train(server_round, arrays, config, grid))
         self._global = arrays
         if self.secure is None:
-            # Updates are computed (and, client placement, checked) against these.
-            self._global_flat = np.concatenate(
-                [a.numpy().astype(np.float64).reshape(-1) for a in arrays.values()]
-            )
-            self._global_norm = float(np.linalg.norm(self._global_flat))
-            self._checked_deltas: dict[int, tuple[np.ndarray, bool]] = {}
-            connected = sorted(grid.get_node_ids())
-            addressed = sorted(m.metadata.dst_node_id for m in messages)
-            if addressed != connected:
-                raise ValueError(
-                    f"the inner strategy addressed {len(addressed)} of {len(connected)} "
-                    "connected nodes; ClientLevelDP needs every node (fraction_train=1.0): "
-                    "it samples itself with sampling_rate (Poisson), and a fixed-size sample "
-                    "would let one client push another out, doubling the sensitivity"
-                )
-        if self.secure is None and self.sampling_rate is not None:
-            keep = set(self._poisson(addressed))
-            messages = [m for m in messages if m.metadata.dst_node_id in keep]
-            self._sent_to[server_round] = sorted(keep)
-            log(INFO, "ClientLevelDP: Poisson sample of %d of %d nodes", len(keep), len(addressed))
+            messages = self._configure_in_the_clear(server_round, arrays, messages, grid)
         if self.expected_clients is None:
             # Every node every round (or the distributed placement's cohort): its size
             # in round 1, a public figure, kept for the whole run.
@@ -465,7 +372,7 @@ class ClientLevelDP(InTheClear, StrictRounds):
         self._check_finite(server_round, arrays)
         metrics.update(
             {
-                wire.METRIC_EPSILON: self._epsilon_after(self.released),
+                wire.METRIC_EPSILON: self.ledger.epsilon(self.released),
                 wire.METRIC_DELTA: self.delta,
                 wire.METRIC_NOISE_MULTIPLIER: self.noise_multiplier,
                 wire.METRIC_CLIP_NORM: self._clip_used,
@@ -491,10 +398,3 @@ class ClientLevelDP(InTheClear, StrictRounds):
         round with no sampled or no usable reply releases noise alone, as accounted.
         """
         return self.sampling_rate is not None
-
-    # -- internals ----------------------------------------------------------------------
-
-    def _poisson(self, nodes: list[int]) -> list[int]:
-        """Each node independently with probability q (CSPRNG-seeded generator)."""
-        q = self.accounted_sampling_rate
-        return sorted(n for n in nodes if self._rng.random() < q)
