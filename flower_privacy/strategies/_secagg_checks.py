@@ -23,8 +23,12 @@ from flwr.serverapp.strategy import (
 
 from flower_privacy.dp.distributed import ENCODING, DistributedNoiseEncoding
 from flower_privacy.errors import RoundFailedError
+from flower_privacy.secagg.multiround import GroupPlan
 from flower_privacy.secagg.protocol import RoundResult
+from flower_privacy.secagg.quantize import Quantizer
 from flower_privacy.wire import secagg as wire
+
+WEIGHTINGS = ("weighted", "uniform")
 
 # Aggregation is a (weighted) mean of the replies: a sum is all they need.
 MEAN_STRATEGIES = (FedAvg, FedAvgM, FedProx, FedAdam, FedYogi, FedAdagrad)
@@ -125,3 +129,66 @@ def check_revealed_weight(
             f"uniform weighting, but the revealed weight {result.weight} is not the "
             f"survivor count {survivors}: a client lied about its weight",
         )
+
+
+def check_arguments(
+    *,
+    weighting: str,
+    uniform_denominator: float | None,
+    max_refusals: int,
+    clip_range: float,
+    max_weight: int,
+    max_clients: int | None,
+    max_mean_error: float | None,
+) -> None:
+    """Refuse SecureAggregation settings that cannot work, naming the setting."""
+    if weighting not in WEIGHTINGS:
+        raise ValueError(f"weighting must be one of {WEIGHTINGS}, got {weighting!r}")
+    if uniform_denominator is not None and (weighting != "uniform" or not uniform_denominator > 0):
+        raise ValueError(
+            f"uniform_denominator needs weighting='uniform' and a value > 0, got "
+            f"{uniform_denominator!r} with weighting={weighting!r}"
+        )
+    if max_refusals < 1:
+        raise ValueError(
+            f"max_refusals must be >= 1 (one node alone never stops a run), got {max_refusals}"
+        )
+    if max_clients is not None and max_clients < 1:
+        raise ValueError(f"max_clients must be >= 1, got {max_clients}")
+    # Validates the limits now; the run's quantiser is derived when the run starts.
+    Quantizer.for_cohort(clip_range, max_weight, max_clients or 1, max_mean_error)
+
+
+def check_train_count(
+    server_round: int, selected: int, cohort: int, min_replies: int, max_clients: int
+) -> None:
+    """Fail a round whose prepared cohort is too small to sum or too large to encode."""
+    if selected < min_replies:
+        raise RoundFailedError(
+            server_round,
+            f"{selected} of {cohort} cohort nodes prepared, at least {min_replies} needed",
+        )
+    if selected > max_clients:
+        raise RoundFailedError(
+            server_round,
+            f"{selected} nodes selected but max_clients={max_clients}: the quantised sum "
+            "could wrap (Poisson sampled more nodes than the run's derived maximum): set "
+            "max_clients",
+        )
+
+
+def check_participation(server_round: int, plan: GroupPlan, survivors: list[int]) -> int:
+    """Record the round's survivors; T, the fewest clients any combination isolates.
+
+    Fails the round when T fell below the group size (except for the unsafe baseline).
+    """
+    plan.record(survivors)
+    checked = plan.audit()
+    privacy_t = checked.exact if checked.exact is not None else checked.lower_bound
+    if plan.rule != "random" and privacy_t < plan.group_size:
+        raise RoundFailedError(
+            server_round,
+            f"the participation audit found T={privacy_t} < group_size={plan.group_size}: "
+            "refusing to go on",
+        )
+    return privacy_t

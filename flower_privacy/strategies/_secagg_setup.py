@@ -1,8 +1,9 @@
-"""Rounds ahead for :class:`SecureAggregation`: who takes part, advertising, preparing.
+"""The exchanges around :class:`SecureAggregation`'s rounds: who takes part, set-up, unmasking.
 
 The cohort rules are functions of the inner strategy's sampling settings, the groups and
-the population; :class:`CohortSetup` drives one protocol run's advertise and prepare
-exchanges (it is built per run around that run's protocol server and stage exchanger).
+the population; :class:`CohortSetup` drives one protocol run's advertise, prepare,
+consistency and unmask exchanges (it is built per run around that run's protocol
+server and stage exchanger).
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ from flwr.serverapp.strategy import Strategy
 from flower_privacy.errors import RoundFailedError
 from flower_privacy.secagg import protocol
 from flower_privacy.secagg.multiround import GroupPlan
+from flower_privacy.secagg.quantize import Quantizer
 from flower_privacy.strategies._stage_exchange import StageExchange
 from flower_privacy.wire import secagg as wire
 
@@ -48,8 +50,25 @@ def expected_cohort(inner: Strategy, plan: GroupPlan | None, population: int, ca
     return float(max(1, wanted // size) * size)
 
 
+def run_quantizer(
+    clip_range: float,
+    max_weight: int,
+    max_clients: int,
+    max_mean_error: float | None,
+    plan: GroupPlan | None,
+) -> Quantizer:
+    """The run's encoding for cohorts of up to ``max_clients`` (at least one whole group)."""
+    quantizer = Quantizer.for_cohort(clip_range, max_weight, max_clients, max_mean_error)
+    if plan is not None and quantizer.max_clients < plan.group_size:
+        raise ValueError(
+            f"max_clients={quantizer.max_clients} is below group_size={plan.group_size}: no "
+            "whole group fits in a round"
+        )
+    return quantizer
+
+
 class CohortSetup:
-    """One protocol run's sampling, key advertising and preparing of rounds ahead."""
+    """One protocol run's sampling and its exchanges before and after each round's upload."""
 
     def __init__(
         self,
@@ -78,6 +97,27 @@ class CohortSetup:
             server_round, {n: {wire.PREPARE: r} for n, r in requests.items()}
         )
         self.accept_prepares(server_round, answers)
+
+    def unmask(self, server_round: int, consistency: bool) -> dict[int, dict]:
+        """The (optional) consistency exchange, then the unmask exchange: the shares.
+
+        The unmask exchange also carries the next cohort's set-up (advertise, prepare).
+        """
+        if consistency:
+            requests = self.server.consistency_requests(server_round)
+            answers = self.exchanger.run(
+                server_round, {n: {wire.CONSISTENCY: r} for n, r in requests.items()}
+            )
+            self.server.accept_consistency(
+                server_round,
+                {n: a[wire.CONSISTENCY] for n, a in answers.items() if wire.CONSISTENCY in a},
+            )
+        stages = self.next_round_stages(server_round)
+        for node, request in self.server.unmask_requests(server_round).items():
+            stages.setdefault(node, {})[wire.UNMASK] = request
+        answers = self.exchanger.run(server_round, stages)
+        self.accept_prepares(server_round + 1, answers)
+        return {n: a[wire.UNMASK] for n, a in answers.items() if wire.UNMASK in a}
 
     def next_round_stages(self, server_round: int) -> dict[int, dict[str, dict]]:
         """Stages for the unmask exchange: advertise new nodes, prepare the next cohort."""

@@ -12,7 +12,7 @@ import hashlib
 import os
 import random
 from collections.abc import Iterable
-from logging import ERROR, INFO, WARNING
+from logging import INFO, WARNING
 
 import numpy as np
 from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
@@ -28,22 +28,27 @@ from flower_privacy.secagg.multiround import GroupPlan
 from flower_privacy.secagg.quantize import Quantizer
 from flower_privacy.strategies._secagg_checks import (
     MEAN_STRATEGIES,
+    WEIGHTINGS,
+    check_arguments,
     check_inner,
     check_one_content,
+    check_participation,
     check_revealed_weight,
     check_sum_settings,
+    check_train_count,
 )
+from flower_privacy.strategies._secagg_result import log_security_events, log_sum, sum_metrics
 from flower_privacy.strategies._secagg_setup import (
     CohortSetup,
     expected_cohort,
     largest_cohort,
+    run_quantizer,
 )
 from flower_privacy.strategies._stage_exchange import RefusalEvent, StageExchange
 from flower_privacy.strategies.strict_rounds import StrictRounds
 from flower_privacy.wire import secagg as wire
 
-WEIGHTINGS = ("weighted", "uniform")
-__all__ = ["MEAN_STRATEGIES", "SecureAggregation"]
+__all__ = ["MEAN_STRATEGIES", "WEIGHTINGS", "SecureAggregation"]
 
 
 class SecureAggregation(StrictRounds):
@@ -142,23 +147,15 @@ class SecureAggregation(StrictRounds):
             max_failed_rounds=max_failed_rounds,
             node_wait_timeout=node_wait_timeout,
         )
-        if weighting not in WEIGHTINGS:
-            raise ValueError(f"weighting must be one of {WEIGHTINGS}, got {weighting!r}")
-        if uniform_denominator is not None and (
-            weighting != "uniform" or not uniform_denominator > 0
-        ):
-            raise ValueError(
-                f"uniform_denominator needs weighting='uniform' and a value > 0, got "
-                f"{uniform_denominator!r} with weighting={weighting!r}"
-            )
-        if max_refusals < 1:
-            raise ValueError(
-                f"max_refusals must be >= 1 (one node alone never stops a run), got {max_refusals}"
-            )
-        if max_clients is not None and max_clients < 1:
-            raise ValueError(f"max_clients must be >= 1, got {max_clients}")
-        # Validates the limits now; the run's quantiser is derived in prepare_run.
-        Quantizer.for_cohort(clip_range, max_weight, max_clients or 1, max_mean_error)
+        check_arguments(
+            weighting=weighting,
+            uniform_denominator=uniform_denominator,
+            max_refusals=max_refusals,
+            clip_range=clip_range,
+            max_weight=max_weight,
+            max_clients=max_clients,
+            max_mean_error=max_mean_error,
+        )
         self.clip_range, self.max_weight = clip_range, max_weight
         self.max_clients, self.max_mean_error = max_clients, max_mean_error
         self._quantizer: Quantizer | None = None
@@ -220,17 +217,13 @@ class SecureAggregation(StrictRounds):
         super().prepare_run(grid, num_rounds)
         self._wait_for_nodes(grid)
         population = len(list(grid.get_node_ids()))
-        self._quantizer = Quantizer.for_cohort(
+        self._quantizer = run_quantizer(
             self.clip_range,
             self.max_weight,
             self.max_clients or largest_cohort(self.innermost, self.plan, population),
             self.max_mean_error,
+            self.plan,
         )
-        if self.plan is not None and self._quantizer.max_clients < self.plan.group_size:
-            raise ValueError(
-                f"max_clients={self._quantizer.max_clients} is below group_size="
-                f"{self.plan.group_size}: no whole group fits in a round"
-            )
         self._setup = CohortSetup(
             self.protocol,
             self._exchanger,
@@ -306,19 +299,13 @@ class SecureAggregation(StrictRounds):
         if self.plan is not None:  # a group with a member that did not prepare sits out
             _kept, leave_out = self.plan.keep(self.protocol.prepared_nodes(server_round))
         requests = self.protocol.train_requests(server_round, leave_out)
-        if len(requests) < self.min_train_replies:
-            raise RoundFailedError(
-                server_round,
-                f"{len(requests)} of {len(self.protocol.cohort(server_round))} cohort nodes "
-                f"prepared, at least {self.min_train_replies} needed",
-            )
-        if len(requests) > self.quantizer.max_clients:
-            raise RoundFailedError(
-                server_round,
-                f"{len(requests)} nodes selected but max_clients={self.quantizer.max_clients}: "
-                "the quantised sum could wrap (Poisson sampled more nodes than the run's "
-                "derived maximum): set max_clients",
-            )
+        check_train_count(
+            server_round,
+            len(requests),
+            len(self.protocol.cohort(server_round)),
+            self.min_train_replies,
+            self.quantizer.max_clients,
+        )
         shared = wire.without_stages(inner[0].content)
         masking = self._masking(server_round).to_payload()
         messages = []
@@ -368,24 +355,7 @@ class SecureAggregation(StrictRounds):
                 f"{len(survivors)} masked uploads of {len(self._sent_to[server_round])}, "
                 f"at least {self.min_train_replies} needed",
             )
-        if self.consistency_check:
-            answers = self._exchanger.run(
-                server_round,
-                {
-                    n: {wire.CONSISTENCY: r}
-                    for n, r in self.protocol.consistency_requests(server_round).items()
-                },
-            )
-            self.protocol.accept_consistency(
-                server_round,
-                {n: a[wire.CONSISTENCY] for n, a in answers.items() if wire.CONSISTENCY in a},
-            )
-        unmask = self._setup.next_round_stages(server_round)
-        for node, request in self.protocol.unmask_requests(server_round).items():
-            unmask.setdefault(node, {})[wire.UNMASK] = request
-        answers = self._exchanger.run(server_round, unmask)
-        self._setup.accept_prepares(server_round + 1, answers)
-        shares = {n: a[wire.UNMASK] for n, a in answers.items() if wire.UNMASK in a}
+        shares = self._setup.unmask(server_round, self.consistency_check)
         try:
             result = self.protocol.unmask(
                 server_round, shares, length, self._word_bits(server_round)
@@ -427,54 +397,17 @@ class SecureAggregation(StrictRounds):
         envelope: Message,
     ) -> tuple[ArrayRecord, MetricRecord]:
         assert self._global is not None
-        if result.bad_holders:
-            log(
-                ERROR,
-                "SECURITY round %d: nodes %s revealed shares that fail their commitments",
-                server_round,
-                result.bad_holders,
-            )
+        log_security_events(server_round, result)
         check_revealed_weight(server_round, result, self.weighting, self.quantizer.max_weight)
         encoding, fixed = self._sums[server_round]
-        denominator = fixed or result.weight
-        decoder = encoding or self.quantizer
-        mean_delta = decoder.decode_sum(result.total, denominator)
+        mean_delta = (encoding or self.quantizer).decode_sum(result.total, fixed or result.weight)
         arrays, metrics = self._aggregate_as_one_reply(
             server_round, add_flat(self._global, mean_delta), result.weight, envelope
         )
-        metrics = MetricRecord(dict(metrics or {}))
-        metrics.update(
-            {
-                wire.METRIC_CLIENTS: len(result.survivors),
-                wire.METRIC_DROPPED: len(result.dropped),
-                wire.METRIC_EXCLUDED: len(excluded),
-                wire.METRIC_CLIPPED: result.clipped,
-            }
-        )
+        metrics = MetricRecord({**(metrics or {}), **sum_metrics(result, excluded)})
         if self.plan is not None:
-            self.plan.record(result.survivors)
-            checked = self.plan.audit()
-            privacy_t = checked.exact if checked.exact is not None else checked.lower_bound
-            metrics[wire.METRIC_PRIVACY_T] = privacy_t
-            if self.plan.rule != "random" and privacy_t < self.plan.group_size:
-                raise RoundFailedError(
-                    server_round,
-                    f"the participation audit found T={privacy_t} < group_size="
-                    f"{self.plan.group_size}: refusing to go on",
-                )
-        if result.clipped:
-            log(
-                WARNING,
-                "round %d: %d update values were clipped to ±%s",
-                server_round,
-                result.clipped,
-                self.quantizer.clip_range,
+            metrics[wire.METRIC_PRIVACY_T] = check_participation(
+                server_round, self.plan, result.survivors
             )
-        log(
-            INFO,
-            "round %d: securely aggregated %d clients (%d dropped)",
-            server_round,
-            len(result.survivors),
-            len(result.dropped),
-        )
+        log_sum(server_round, result, self.quantizer.clip_range)
         return arrays, metrics
