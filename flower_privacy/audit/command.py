@@ -14,11 +14,20 @@ from typing import TYPE_CHECKING, Annotated
 
 import typer
 
+from flower_privacy.private.matrix import (
+    DP_CENTRAL,
+    DP_DISTRIBUTED,
+    HE,
+    NONE,
+    SECAGG,
+    SECAGG_GROUPS,
+)
+
 if TYPE_CHECKING:
     from flower_privacy.audit.hook import AuditHook
 
 # Bare --compare: the configurations a security reviewer asks about first.
-STANDARD = ("none", "secagg", "secagg-groups", "dp-central", "dp-distributed", "he")
+STANDARD = (NONE, SECAGG, SECAGG_GROUPS, DP_CENTRAL, DP_DISTRIBUTED, HE)
 EXIT_VIOLATION = 1
 
 

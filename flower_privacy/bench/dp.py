@@ -28,6 +28,12 @@ from flower_privacy import _flwr_compat as compat
 from flower_privacy.bench.secagg import fixed_update_app
 from flower_privacy.dp.accounting import GaussianRounds, epsilon
 from flower_privacy.mods import client_clipping_mod, secagg_mod
+from flower_privacy.private.config import (
+    DP_CLIP_NORM,
+    DP_DELTA,
+    DP_SAMPLING_RATE,
+    DP_TARGET_EPSILON,
+)
 from flower_privacy.strategies import ClientLevelDP, SecureAggregation, StrictRounds
 from flower_privacy.testing import InProcessGrid, capture_log_lines
 
@@ -81,10 +87,10 @@ def utility(
                 privacy="dp",
                 **common,
                 **{
-                    "dp-target-epsilon": eps,
-                    "dp-sampling-rate": sampling_rate,
-                    "dp-clip-norm": clip_norm,
-                    "dp-delta": DELTA,
+                    DP_TARGET_EPSILON: eps,
+                    DP_SAMPLING_RATE: sampling_rate,
+                    DP_CLIP_NORM: clip_norm,
+                    DP_DELTA: DELTA,
                 },
             )
         accuracy, lines = _digits_accuracy(cfg)

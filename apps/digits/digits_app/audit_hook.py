@@ -15,16 +15,23 @@ from flwr.app import UserConfig
 
 from digits_app import client_app, server_app, task
 from flower_privacy.audit.hook import AuditHook, LocalTraining
+from flower_privacy.private.config import PRIVACY, SECAGG_GROUP_SIZE
+from flower_privacy.private.matrix import (
+    DP_CENTRAL,
+    DP_CLIENT,
+    DP_DISTRIBUTED,
+    DP_SGD,
+    HE,
+    NONE,
+    SECAGG,
+    SECAGG_GROUPS,
+)
 
+# Every configuration the audit compares, by its make_private name; groups of 2 so that
+# the toy federation fits whole groups.
 CONFIGS: dict[str, UserConfig] = {
-    "none": {"privacy": "none"},
-    "secagg": {"privacy": "secagg"},
-    "secagg-groups": {"privacy": "secagg-groups", "secagg-group-size": 2},
-    "dp-central": {"privacy": "dp-central"},
-    "dp-client": {"privacy": "dp-client"},
-    "dp-distributed": {"privacy": "dp-distributed"},
-    "he": {"privacy": "he"},
-    "dp-sgd": {"privacy": "dp-sgd"},
+    name: {PRIVACY: name, **({SECAGG_GROUP_SIZE: 2} if name == SECAGG_GROUPS else {})}
+    for name in (NONE, SECAGG, SECAGG_GROUPS, DP_CENTRAL, DP_CLIENT, DP_DISTRIBUTED, HE, DP_SGD)
 }
 
 
@@ -33,7 +40,7 @@ def _strategy(cfg: UserConfig, num_nodes: int):  # noqa: ANN202
     random.seed(int(cfg["seed"]))
     inner = server_app.make_fedavg(int(cfg["clients-per-round"]), num_nodes)
     inner.fraction_evaluate = 0.0  # the audit attacks training; evaluation costs time
-    return server_app.build_strategy(str(cfg["privacy"]), inner, dict(cfg), simulation=True)
+    return server_app.build_strategy(str(cfg[PRIVACY]), inner, dict(cfg), simulation=True)
 
 
 def _model(cfg: UserConfig) -> torch.nn.Module:

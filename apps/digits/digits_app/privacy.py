@@ -17,6 +17,7 @@ from flower_privacy.private.config import (
     SECAGG_GROUP_SIZE,
     parse_mechanisms,
 )
+from flower_privacy.private.matrix import SECAGG_GROUPS
 
 PLACEMENT = "dp-placement"
 PLACEMENTS = ("central", "client", "distributed")
@@ -31,7 +32,7 @@ def privacy_name(run_config: Mapping[str, object]) -> str:
             raise ValueError(f"{PLACEMENT} must be one of {PLACEMENTS}, got {placement!r}")
         return f"dp-{placement}"
     if name == "secagg" and int(run_config.get(SECAGG_GROUP_SIZE, 0)) > 0:  # type: ignore[arg-type]
-        return "secagg-groups"
+        return SECAGG_GROUPS
     return name
 
 

@@ -19,7 +19,16 @@ from digits_app.privacy import mechanisms, privacy_config, privacy_name
 from digits_app.task import Net, evaluate, load_server_test, model_shape
 from flower_privacy import make_private
 from flower_privacy.private.config import ROUND_TIMEOUT
-from flower_privacy.private.matrix import CLIENT_LEVEL_DP, DP_SGD, HE, MECHANISMS
+from flower_privacy.private.matrix import (
+    CLIENT_LEVEL_DP,
+    DP_DISTRIBUTED,
+    DP_SGD,
+    HE,
+    MECHANISMS,
+    SECAGG,
+    SECAGG_GROUPS,
+    SEPARATOR,
+)
 from flower_privacy.strategies import PrivacyResult, StrictRounds
 from flower_privacy.wire import dp as dp_wire
 from flower_privacy.wire import secagg as secagg_wire
@@ -206,25 +215,26 @@ def privacy_summary(name: str, result: Result) -> str:
         if secagg_wire.METRIC_PRIVACY_T in m
     ]
     privacy_t = audited[-1] if audited else None
-    names = set(name.split("+"))
+    names = set(name.split(SEPARATOR))
     rounds = [
         r
         for r in result.train_metrics_clientapp
-        if "dp-epsilon" in result.train_metrics_clientapp[r]
+        if dp_wire.METRIC_EPSILON in result.train_metrics_clientapp[r]
     ]
     if rounds:
         last = result.train_metrics_clientapp[max(rounds)]
         parts.append(
-            f"client-level (ε={last['dp-epsilon']:.3f}, δ={last['dp-delta']:g})-DP after "
-            f"{len(rounds)} round(s), noise multiplier {last['dp-noise-multiplier']:.3f}"
+            f"client-level (ε={last[dp_wire.METRIC_EPSILON]:.3f}, "
+            f"δ={last[dp_wire.METRIC_DELTA]:g})-DP after {len(rounds)} round(s), noise "
+            f"multiplier {last[dp_wire.METRIC_NOISE_MULTIPLIER]:.3f}"
         )
-    if names & {"secagg", "secagg-groups", "dp-distributed"}:
+    if names & {SECAGG, SECAGG_GROUPS, DP_DISTRIBUTED}:
         parts.append("the server saw only sums of masked updates")
     if privacy_t is not None:
         parts.append(f"no combination of rounds isolates fewer than T={privacy_t} clients")
-    if "he" in names:
+    if HE in names:
         parts.append("the server held only ciphertexts")
-    if "dp-sgd" in names:
+    if DP_SGD in names:
         parts.append("each client's examples protected by DP-SGD (its ε is in the log)")
     if len(parts) == 1:
         parts.append("none: the server saw every client's update")
