@@ -16,7 +16,7 @@ from logging import INFO, WARNING
 from flwr.common import log
 
 from flower_privacy.dp.accounting import GaussianRounds, calibrate
-from flower_privacy.dp.discrete_accounting import DistributedPlan, plan_distributed
+from flower_privacy.dp.discrete_accounting import DistributedPlan
 from flower_privacy.dp.distributed import DistributedNoiseEncoding
 from flower_privacy.dp.ledger import PrivacyLedger
 
@@ -24,15 +24,19 @@ from flower_privacy.dp.ledger import PrivacyLedger
 BETA = math.exp(-0.5)
 
 
+@dataclass(frozen=True)
+class BudgetSettings:
+    """What a run's budget is planned from, fixed when the strategy is built."""
+
+    target_epsilon: float | None
+    noise_multiplier: float | None  # a fixed z; None: calibrated for the target
+    delta: float
+    sampling_rate: float  # q in the accounting (1: no amplification claimed)
+    accountant: str
+
+
 def gaussian_budget(
-    *,
-    target_epsilon: float | None,
-    fixed_noise_multiplier: float | None,
-    delta: float,
-    sampling_rate: float,
-    rounds: int,
-    accountant: str,
-    resume: PrivacyLedger | None,
+    settings: BudgetSettings, rounds: int, resume: PrivacyLedger | None
 ) -> tuple[float, PrivacyLedger]:
     """(noise multiplier, ledger) of the central and client placements for ``rounds``."""
     if resume is not None:
@@ -45,21 +49,21 @@ def gaussian_budget(
             resume.event.noise_multiplier,
         )
         return resume.event.noise_multiplier, resume
-    if fixed_noise_multiplier is None:
-        assert target_epsilon is not None
-        z = calibrate(target_epsilon, delta, sampling_rate, rounds, accountant)
+    q = settings.sampling_rate
+    z = settings.noise_multiplier
+    if z is None:
+        assert settings.target_epsilon is not None
+        z = calibrate(settings.target_epsilon, settings.delta, q, rounds, settings.accountant)
         log(
             INFO,
             "ClientLevelDP: noise multiplier %.4f calibrated for ε=%s, δ=%g, q=%s, %d rounds",
             z,
-            target_epsilon,
-            delta,
-            sampling_rate,
+            settings.target_epsilon,
+            settings.delta,
+            q,
             rounds,
         )
-    else:
-        z = fixed_noise_multiplier
-    return z, PrivacyLedger(GaussianRounds(z, sampling_rate, 1), delta, accountant)
+    return z, PrivacyLedger(GaussianRounds(z, q, 1), settings.delta, settings.accountant)
 
 
 @dataclass(frozen=True)
@@ -71,57 +75,35 @@ class DistributedBudget:
     noise_multiplier: float  # Gaussian-equivalent: summed noise std over the L2 bound
     encoding: DistributedNoiseEncoding
 
-
-def distributed_budget(
-    mechanism: str,
-    *,
-    target_epsilon: float,
-    delta: float,
-    clip: float,
-    dim: int,
-    sampling_rate: float,
-    rounds: int,
-    min_clients: int,
-    max_clients: int,
-    accountant: str,
-) -> DistributedBudget:
-    """Calibrate each client's integer noise share for the target, before round 1."""
-    plan = plan_distributed(
-        mechanism,
-        target_epsilon,
-        delta,
-        clip=clip,
-        dim=dim,
-        sampling_rate=sampling_rate,
-        rounds=rounds,
-        min_clients=min_clients,
-        max_clients=max_clients,
-        beta=BETA,
-    )
-    budget = DistributedBudget(
-        plan,
-        PrivacyLedger(plan.event, delta, accountant),
-        math.sqrt(plan.noise_variance) / plan.l2_sensitivity,
-        DistributedNoiseEncoding(mechanism, clip, plan.scale, plan.share_variance, BETA),
-    )
-    log(
-        INFO,
-        "ClientLevelDP: %s noise, scale %.4g, share variance %.4g per client (sum over "
-        ">= %d survivors: noise multiplier >= %.4f), ε=%.4f after %d rounds, wrap-around "
-        "probability <= %.2g per round",
-        mechanism,
-        plan.scale,
-        plan.share_variance,
-        min_clients,
-        budget.noise_multiplier,
-        plan.epsilon,
-        rounds,
-        plan.wrap_probability,
-    )
-    return budget
+    @classmethod
+    def of(
+        cls, plan: DistributedPlan, settings: BudgetSettings, clip: float, min_clients: int
+    ) -> DistributedBudget:
+        """Wrap ``plan`` (from :func:`~flower_privacy.dp.discrete_accounting.plan_distributed`)."""
+        budget = cls(
+            plan,
+            PrivacyLedger(plan.event, settings.delta, settings.accountant),
+            math.sqrt(plan.noise_variance) / plan.l2_sensitivity,
+            DistributedNoiseEncoding(plan.mechanism, clip, plan.scale, plan.share_variance, BETA),
+        )
+        log(
+            INFO,
+            "ClientLevelDP: %s noise, scale %.4g, share variance %.4g per client (sum over "
+            ">= %d survivors: noise multiplier >= %.4f), ε=%.4f after %d rounds, wrap-around "
+            "probability <= %.2g per round",
+            plan.mechanism,
+            plan.scale,
+            plan.share_variance,
+            min_clients,
+            budget.noise_multiplier,
+            plan.epsilon,
+            plan.event.rounds,
+            plan.wrap_probability,
+        )
+        return budget
 
 
-def budget_stop_reason(ledger: PrivacyLedger, target_epsilon: float, delta: float) -> str | None:
+def budget_stop_reason(ledger: PrivacyLedger, target_epsilon: float) -> str | None:
     """Why one more release would overspend ``target_epsilon``, or None."""
     released = ledger.released
     after_next = ledger.epsilon(released + 1)
@@ -130,22 +112,15 @@ def budget_stop_reason(ledger: PrivacyLedger, target_epsilon: float, delta: floa
     spent = ledger.epsilon(released) if released else 0.0
     reason = (
         f"privacy budget spent: ε={spent:.4f} after {released} private round(s); "
-        f"one more would reach ε={after_next:.4f} > target {target_epsilon} (δ={delta:g})"
+        f"one more would reach ε={after_next:.4f} > target {target_epsilon} "
+        f"(δ={ledger.delta:g})"
     )
     log(WARNING, "ClientLevelDP: %s; keeping the last model", reason)
     return reason
 
 
-def resumable_ledger(
-    state: dict,
-    *,
-    placement: str,
-    delta: float,
-    accountant: str,
-    sampling_rate: float,
-    fixed_noise_multiplier: float | None,
-) -> PrivacyLedger:
-    """The ledger in ``state``, checked against the strategy that resumes it."""
+def resumable_ledger(state: dict, settings: BudgetSettings, placement: str) -> PrivacyLedger:
+    """The ledger in ``state``, checked against the settings of the strategy resuming it."""
     if placement == "distributed":
         raise ValueError(
             "resuming the distributed placement is not supported yet: its noise shares "
@@ -158,14 +133,14 @@ def resumable_ledger(
     mismatch = [
         f"{name} {theirs} != {ours}"
         for name, theirs, ours in (
-            ("delta", ledger.delta, delta),
-            ("accountant", ledger.accountant, accountant),
-            ("sampling rate", event.sampling_rate, sampling_rate),
+            ("delta", ledger.delta, settings.delta),
+            ("accountant", ledger.accountant, settings.accountant),
+            ("sampling rate", event.sampling_rate, settings.sampling_rate),
         )
         if theirs != ours
     ]
-    if fixed_noise_multiplier not in (None, event.noise_multiplier):
-        mismatch.append(f"noise multiplier {event.noise_multiplier} != {fixed_noise_multiplier}")
+    if settings.noise_multiplier not in (None, event.noise_multiplier):
+        mismatch.append(f"noise multiplier {event.noise_multiplier} != {settings.noise_multiplier}")
     if mismatch:
         raise ValueError(f"the saved ledger does not match this strategy: {mismatch}")
     return ledger

@@ -29,14 +29,16 @@ from flwr.serverapp.strategy import Strategy
 
 from flower_privacy.dp.accounting import adaptive_update_noise
 from flower_privacy.dp.clipping import AdaptiveClipping
-from flower_privacy.dp.discrete_accounting import DistributedPlan
+from flower_privacy.dp.discrete_accounting import DistributedPlan, plan_distributed
 from flower_privacy.dp.distributed import DistributedNoiseEncoding
 from flower_privacy.dp.ledger import PrivacyLedger
 from flower_privacy.dp.noise import secure_generator
 from flower_privacy.errors import RoundFailedError
 from flower_privacy.strategies._dp_budget import (
+    BETA,
+    BudgetSettings,
+    DistributedBudget,
     budget_stop_reason,
-    distributed_budget,
     gaussian_budget,
     resumable_ledger,
 )
@@ -133,12 +135,6 @@ class ClientLevelDP(InTheClear, StrictRounds):
         max_failed_rounds: int = 0,
         node_wait_timeout: float = 300.0,
     ) -> None:
-        super().__init__(
-            strategy,
-            min_train_replies=min_train_replies,
-            max_failed_rounds=max_failed_rounds,
-            node_wait_timeout=node_wait_timeout,
-        )
         check_arguments(
             target_epsilon=target_epsilon,
             noise_multiplier=noise_multiplier,
@@ -151,16 +147,25 @@ class ClientLevelDP(InTheClear, StrictRounds):
             count_noise_std=count_noise_std,
             expected_clients=expected_clients,
         )
+        super().__init__(
+            strategy,
+            min_train_replies=min_train_replies,
+            max_failed_rounds=max_failed_rounds,
+            node_wait_timeout=node_wait_timeout,
+        )
         self.adaptive = (
             AdaptiveClipping(target_quantile, clip_learning_rate) if (adaptive_clipping) else None
         )
         self.secure = strategy if isinstance(strategy, SecureAggregation) else None
         check_inner(strategy, self.secure, placement, adaptive_clipping, sampling_rate)
-        self.target_epsilon, self.fixed_noise_multiplier = target_epsilon, noise_multiplier
+        self.target_epsilon = target_epsilon
         self.delta, self.initial_clip_norm = delta, clip_norm
         self.count_noise_std, self.placement = count_noise_std, placement
         self.sampling_rate, self.accountant, self.seed = sampling_rate, accountant, seed
         self.mechanism = mechanism
+        self.budget = BudgetSettings(
+            target_epsilon, noise_multiplier, delta, self.accounted_sampling_rate, accountant
+        )
         self.fixed_expected_clients = expected_clients
         if seed is not None:
             log(
@@ -199,15 +204,7 @@ class ClientLevelDP(InTheClear, StrictRounds):
         self._encoding: DistributedNoiseEncoding | None = None
         self.ledger, resume, self._resume = None, self._resume, None
         if self.placement != "distributed":  # distributed: at round 1 (the model's size)
-            self.noise_multiplier, self.ledger = gaussian_budget(
-                target_epsilon=self.target_epsilon,
-                fixed_noise_multiplier=self.fixed_noise_multiplier,
-                delta=self.delta,
-                sampling_rate=self.accounted_sampling_rate,
-                rounds=num_rounds,
-                accountant=self.accountant,
-                resume=resume,
-            )
+            self.noise_multiplier, self.ledger = gaussian_budget(self.budget, num_rounds, resume)
         if self.sampling_rate is not None:
             self._wait_for_nodes(grid)
             population = len(list(grid.get_node_ids()))
@@ -222,7 +219,7 @@ class ClientLevelDP(InTheClear, StrictRounds):
         if self.placement == "distributed" and self.distributed_plan is None:
             return None  # round 1: calibrated for the target when it is configured
         assert self.ledger is not None
-        return budget_stop_reason(self.ledger, self.target_epsilon, self.delta)
+        return budget_stop_reason(self.ledger, self.target_epsilon)
 
     @property
     def released(self) -> int:
@@ -241,29 +238,25 @@ class ClientLevelDP(InTheClear, StrictRounds):
         The earlier run's noise multiplier is kept (it must have been accounted with
         this strategy's δ, accountant and sampling rate).
         """
-        self._resume = resumable_ledger(
-            state,
-            placement=self.placement,
-            delta=self.delta,
-            accountant=self.accountant,
-            sampling_rate=self.accounted_sampling_rate,
-            fixed_noise_multiplier=self.fixed_noise_multiplier,
-        )
+        self._resume = resumable_ledger(state, self.budget, self.placement)
 
     def _plan_distributed(self, arrays: ArrayRecord) -> None:
         """Calibrate each client's integer noise share for the target, before round 1."""
         assert self.secure is not None and self.target_epsilon is not None
-        budget = distributed_budget(
+        plan = plan_distributed(
             self.mechanism,
-            target_epsilon=self.target_epsilon,
-            delta=self.delta,
+            self.target_epsilon,
+            self.delta,
             clip=self.clip_norm,
             dim=sum(int(np.prod(a.shape)) for a in arrays.values()),
             sampling_rate=self.accounted_sampling_rate,
             rounds=self.planned_rounds,
             min_clients=self.secure.min_train_replies,
             max_clients=self.secure.quantizer.max_clients,
-            accountant=self.accountant,
+            beta=BETA,
+        )
+        budget = DistributedBudget.of(
+            plan, self.budget, self.clip_norm, self.secure.min_train_replies
         )
         self.distributed_plan, self.ledger = budget.plan, budget.ledger
         self.noise_multiplier, self._encoding = budget.noise_multiplier, budget.encoding
