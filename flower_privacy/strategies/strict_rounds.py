@@ -21,7 +21,7 @@ from flwr.serverapp.strategy import Result, Strategy
 
 from flower_privacy.errors import NotEnoughNodesError, RoundFailedError, RunHaltedError
 from flower_privacy.strategies import _replies
-from flower_privacy.strategies._round_loop import run_rounds
+from flower_privacy.strategies._round_loop import RoundLoop
 from flower_privacy.strategies.result import PrivacyResult
 
 
@@ -233,17 +233,15 @@ class StrictRounds(Strategy):
         self.set_round_timeout(timeout)
         initial_arrays = self._run_input(initial_arrays, evaluate_fn)
         try:
-            result = run_rounds(
+            loop = RoundLoop(
                 self,
                 grid,
-                initial_arrays,
-                num_rounds,
                 timeout,
                 ConfigRecord() if train_config is None else train_config,
                 ConfigRecord() if evaluate_config is None else evaluate_config,
                 evaluate_fn,
-                should_stop,
             )
+            result = loop.run(initial_arrays, num_rounds, should_stop)
         except RunHaltedError as err:
             self._run_output(err.result.arrays)
             raise
