@@ -11,6 +11,7 @@ from __future__ import annotations
 import functools
 import math
 from dataclasses import dataclass
+from typing import Any
 
 from flower_privacy.dp.discrete import MECHANISMS, share_variance, wrap_probability
 from flower_privacy.dp.discrete_accounting import Event, distributed_event, epsilon
@@ -142,20 +143,19 @@ def plan_distributed(
             f"max_clients must be an integer >= min_clients={min_clients}, got {max_clients}"
         )
 
+    # What is accounted, the same for every scale tried and for the plan's event.
+    accounted: dict[str, Any] = {
+        "clip": clip,
+        "dim": dim,
+        "sampling_rate": sampling_rate,
+        "rounds": rounds,
+        "min_clients": min_clients,
+        "max_clients": max_clients,
+        "beta": beta,
+    }
+
     def evaluate(scale: float) -> tuple[float, float]:
-        v = calibrate_variance(
-            mechanism,
-            target_epsilon,
-            delta,
-            clip=clip,
-            dim=dim,
-            scale=scale,
-            sampling_rate=sampling_rate,
-            rounds=rounds,
-            min_clients=min_clients,
-            max_clients=max_clients,
-            beta=beta,
-        )
+        v = calibrate_variance(mechanism, target_epsilon, delta, scale=scale, **accounted)
         at_max = share_variance(v, min_clients) * max_clients
         wrap = wrap_probability(
             mechanism,
@@ -188,18 +188,7 @@ def plan_distributed(
         else:
             high = mid
     scale, v, wrap = best
-    event = distributed_event(
-        mechanism,
-        clip=clip,
-        dim=dim,
-        scale=scale,
-        noise_variance=v,
-        sampling_rate=sampling_rate,
-        rounds=rounds,
-        min_clients=min_clients,
-        max_clients=max_clients,
-        beta=beta,
-    )
+    event = distributed_event(mechanism, scale=scale, noise_variance=v, **accounted)
     return DistributedPlan(
         mechanism=mechanism,
         scale=scale,
