@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable, Iterator
 from typing import Annotated
 
 import typer
@@ -13,6 +14,13 @@ bench_app = typer.Typer(help="Benchmarks that print figures measured in one run.
 
 def _progress(line: str) -> None:
     typer.echo(line, err=True)  # stderr: stdout carries the result (one JSON object with --json)
+
+
+def _echo_result(result: dict, as_json: bool, lines: Callable[[dict], Iterator[str]]) -> None:
+    """The result as one JSON object (``--json``), or as the lines a person reads."""
+    if not echo_json(as_json, result):
+        for line in lines(result):
+            typer.echo(line)
 
 
 @bench_app.command("secagg")
@@ -64,17 +72,7 @@ def bench_secagg(
         result["ray"] = ray_sim.run(
             clients=ray_clients, per_round=per_round, rounds=ray_rounds, log=_progress
         )
-    if echo_json(as_json, result):
-        return
-    for row in result["cases"]:
-        typer.echo(
-            f"{row['clients']:>3} clients x {row['params']:>9,} params, dropout "
-            f"{row['dropout']:.0%}: FedAvg {row['fedavg_s']:.3f} s, Flower SecAgg+ "
-            f"{row['flower_secaggplus_s']:.3f} s, ours {row['secagg_s']:.3f} s per round"
-        )
-    for key, value in result.items():
-        if key != "cases":
-            typer.echo(f"{key}: {value}")
+    _echo_result(result, as_json, _secagg_lines)
 
 
 @bench_app.command("multiround")
@@ -87,13 +85,7 @@ def bench_multiround(
     from flower_privacy.bench import multiround
 
     result = multiround.run(trials=trials, rounds=rounds, log=_progress)
-    if echo_json(as_json, result):
-        return
-    for row in result["rows"]:
-        typer.echo(
-            f"{row['selection']:>10} T={row['group_size']}: privacy T {row['privacy_t']}, "
-            f"{row['avg_clients']:.2f} clients per round, fairness gap {row['fairness_gap']:.3f}"
-        )
+    _echo_result(result, as_json, _multiround_lines)
 
 
 @bench_app.command("dp")
@@ -105,16 +97,7 @@ def bench_dp(
     from flower_privacy.bench import dp
 
     result = dp.run(quick=quick)
-    if echo_json(as_json, result):
-        return
-    for row in result["utility"]:
-        typer.echo(f"ε = {row['epsilon']}: accuracy {row['accuracy']:.3f}")
-    for row in result["overhead"]:
-        typer.echo(f"{row['placement']}: {row['ratio']:.2f}x plain FedAvg's round time")
-    typer.echo(
-        f"ε of the ε=3 run: Flower 1.41's accountant {result['flower_epsilon']:.1f}, "
-        f"ours {result['our_epsilon']:.3f}"
-    )
+    _echo_result(result, as_json, _dp_lines)
 
 
 @bench_app.command("he")
@@ -127,14 +110,50 @@ def bench_he(
     from flower_privacy.bench import he as bench
 
     result = bench.run(workers=workers or None, quick=quick, log=_progress)
-    if echo_json(as_json, result):
-        return
+    _echo_result(result, as_json, _he_lines)
+
+
+# -- each result as the lines a person reads (--json prints the result itself)
+
+
+def _secagg_lines(result: dict) -> Iterator[str]:
+    for row in result["cases"]:
+        yield (
+            f"{row['clients']:>3} clients x {row['params']:>9,} params, dropout "
+            f"{row['dropout']:.0%}: FedAvg {row['fedavg_s']:.3f} s, Flower SecAgg+ "
+            f"{row['flower_secaggplus_s']:.3f} s, ours {row['secagg_s']:.3f} s per round"
+        )
+    for key, value in result.items():
+        if key != "cases":
+            yield f"{key}: {value}"
+
+
+def _multiround_lines(result: dict) -> Iterator[str]:
+    for row in result["rows"]:
+        yield (
+            f"{row['selection']:>10} T={row['group_size']}: privacy T {row['privacy_t']}, "
+            f"{row['avg_clients']:.2f} clients per round, fairness gap {row['fairness_gap']:.3f}"
+        )
+
+
+def _dp_lines(result: dict) -> Iterator[str]:
+    for row in result["utility"]:
+        yield f"ε = {row['epsilon']}: accuracy {row['accuracy']:.3f}"
+    for row in result["overhead"]:
+        yield f"{row['placement']}: {row['ratio']:.2f}x plain FedAvg's round time"
+    yield (
+        f"ε of the ε=3 run: Flower 1.41's accountant {result['flower_epsilon']:.1f}, "
+        f"ours {result['our_epsilon']:.3f}"
+    )
+
+
+def _he_lines(result: dict) -> Iterator[str]:
     for name in ("ours", "ckks", "nvflare_style"):
         row = result[name]
-        typer.echo(
+        yield (
             f"{name:>13}: {row['expansion']:.2f}x float32, encrypt {row['encrypt_s']:.3f} s, "
             f"aggregate {row['aggregate_s']:.3f} s, decrypt {row['decrypt_s']:.3f} s, "
             f"max error {row['max_abs_error']:.2g}"
         )
-    typer.echo(f"pool start-up: {result['pool_start_s']:.2f} s; ratios: {result['ratios']}")
-    typer.echo(f"targets met: {result['targets_met']}")
+    yield f"pool start-up: {result['pool_start_s']:.2f} s; ratios: {result['ratios']}"
+    yield f"targets met: {result['targets_met']}"
