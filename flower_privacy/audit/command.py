@@ -1,4 +1,4 @@
-"""``flower-privacy audit``: the command (cli.py registers it) and its body.
+"""``flower-privacy audit``: the command (flower_privacy/cli registers it) and its body.
 
 Only typer is imported at module level: ``flower-privacy --help`` must not load torch.
 """

@@ -8,8 +8,9 @@ import html
 import io
 import json
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -114,30 +115,39 @@ def images_figure(audits: Sequence[ConfigAudit], image_shape: tuple[int, int]): 
     return fig
 
 
-def t_figure(audits: Sequence[ConfigAudit]):  # noqa: ANN201
+def _rounds_figure(
+    series: Sequence[ConfigAudit],
+    ylabel: str,
+    plot: Callable[[Any, int, ConfigAudit], None],
+    bottom: float | None = None,
+):  # noqa: ANN202
+    """One axes over rounds, ``plot(ax, k, audit)`` drawing the k-th audit; None if none."""
     import matplotlib.pyplot as plt
 
-    series = [a for a in audits if a.privacy_t]
-    if not series:
-        return None
-    fig, ax = plt.subplots(figsize=(5, 3))
-    for a in series:
-        ax.plot(range(1, len(a.privacy_t) + 1), a.privacy_t, marker="o", label=a.name)
-    ax.set_xlabel("round")
-    ax.set_ylabel("privacy T (fewest clients any\ncombination of sums mixes)")
-    ax.set_ylim(bottom=0)
-    ax.legend(fontsize=7)
-    return fig
-
-
-def epsilon_figure(audits: Sequence[ConfigAudit]):  # noqa: ANN201
-    import matplotlib.pyplot as plt
-
-    series = [a for a in audits if a.epsilons]
     if not series:
         return None
     fig, ax = plt.subplots(figsize=(5, 3))
     for k, a in enumerate(series):
+        plot(ax, k, a)
+    ax.set_xlabel("round")
+    ax.set_ylabel(ylabel)
+    if bottom is not None:
+        ax.set_ylim(bottom=bottom)
+    ax.legend(fontsize=7)
+    return fig
+
+
+def t_figure(audits: Sequence[ConfigAudit]):  # noqa: ANN201
+    def plot(ax, k: int, a: ConfigAudit) -> None:  # noqa: ANN001
+        ax.plot(range(1, len(a.privacy_t) + 1), a.privacy_t, marker="o", label=a.name)
+
+    series = [a for a in audits if a.privacy_t]
+    ylabel = "privacy T (fewest clients any\ncombination of sums mixes)"
+    return _rounds_figure(series, ylabel, plot, bottom=0)
+
+
+def epsilon_figure(audits: Sequence[ConfigAudit]):  # noqa: ANN201
+    def plot(ax, k: int, a: ConfigAudit) -> None:  # noqa: ANN001
         rounds = np.array([e["round"] for e in a.epsilons]) + 0.08 * k
         acc = [e["accountant"] for e in a.epsilons]
         est = np.array([e["estimate"] for e in a.epsilons])
@@ -153,10 +163,8 @@ def epsilon_figure(audits: Sequence[ConfigAudit]):  # noqa: ANN201
             capsize=3,
             label=f"{a.name}: empirical ε (95%)",
         )
-    ax.set_xlabel("round")
-    ax.set_ylabel("ε")
-    ax.legend(fontsize=7)
-    return fig
+
+    return _rounds_figure([a for a in audits if a.epsilons], "ε", plot)
 
 
 def write(

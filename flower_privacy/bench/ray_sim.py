@@ -18,8 +18,8 @@ import statistics
 import threading
 from collections.abc import Callable
 from pathlib import Path
-from types import TracebackType
 
+from flower_privacy._closing import ClosesOnExit
 from flower_privacy.bench.app_logs import ROUND_SECONDS, TRAIN_METRICS, logged_json
 from flower_privacy.harness.processes import descendants
 
@@ -57,7 +57,7 @@ def _process_name(pid: int) -> str:
     return Path(args[0].split(" ")[0]).name
 
 
-class TreeRss:
+class TreeRss(ClosesOnExit):
     """Samples the summed RSS of this process and its descendants every ``interval`` s."""
 
     def __init__(self, interval: float = 0.5) -> None:
@@ -85,12 +85,8 @@ class TreeRss:
         self._thread.start()
         return self
 
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
+    def close(self) -> None:
+        """Stop sampling."""
         self._stop.set()
         self._thread.join()
 

@@ -16,11 +16,20 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from flower_privacy._fields import required_fields
 from flower_privacy.dp import discrete
 from flower_privacy.dp.noise import secure_generator
 from flower_privacy.secagg.quantize import Encoded
 
 ENCODING = "dp-distributed"
+# The request's fields, in order: (key, attribute, type); both directions read this.
+_REQUEST: tuple[tuple[str, str, type], ...] = (
+    ("dp-mechanism", "mechanism", str),
+    ("dp-clip-norm", "clip_norm", float),
+    ("dp-scale", "scale", float),
+    ("dp-share-variance", "share_variance", float),
+    ("dp-beta", "beta", float),
+)
 
 
 @dataclass(frozen=True)
@@ -97,25 +106,10 @@ class DistributedNoiseEncoding:
 
     def request_fields(self) -> dict:
         """What the server sends each client (the clients check it in :meth:`from_request`)."""
-        return {
-            "encoding": ENCODING,
-            "dp-mechanism": self.mechanism,
-            "dp-clip-norm": self.clip_norm,
-            "dp-scale": self.scale,
-            "dp-share-variance": self.share_variance,
-            "dp-beta": self.beta,
-        }
+        return {"encoding": ENCODING, **{key: getattr(self, name) for key, name, _ in _REQUEST}}
 
     @classmethod
     def from_request(cls, request: dict) -> DistributedNoiseEncoding:
         """The encoding a server asked for; ValueError names a missing or bad field."""
-        try:
-            return cls(
-                mechanism=str(request["dp-mechanism"]),
-                clip_norm=float(request["dp-clip-norm"]),
-                scale=float(request["dp-scale"]),
-                share_variance=float(request["dp-share-variance"]),
-                beta=float(request["dp-beta"]),
-            )
-        except KeyError as err:
-            raise ValueError(f"distributed DP request lacks {err.args[0]!r}") from None
+        with required_fields("distributed DP request"):
+            return cls(**{name: kind(request[key]) for key, name, kind in _REQUEST})

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 
+from flower_privacy._fields import required_fields
 from flower_privacy.dp import accounting, discrete_accounting
 from flower_privacy.dp.accounting import GaussianRounds
 from flower_privacy.dp.discrete_accounting import DistributedDiscreteGaussianRounds, SkellamRounds
@@ -87,18 +88,18 @@ class PrivacyLedger:
     @classmethod
     def from_state_dict(cls, state: dict) -> PrivacyLedger:
         """The ledger :meth:`state_dict` described; ``ValueError`` names a bad field."""
-        try:
-            if state["version"] != STATE_VERSION:
-                raise ValueError(f"ledger state version {state['version']!r} is not supported")
-            kind = _KINDS.get(state["kind"])
-            if kind is None:
-                raise ValueError(f"unknown mechanism kind {state['kind']!r}")
-            ledger = cls(kind(**state["event"]), float(state["delta"]), str(state["accountant"]))
-            released = state["released"]
-        except KeyError as err:
-            raise ValueError(f"the ledger state lacks {err.args[0]!r}") from None
-        except TypeError as err:
-            raise ValueError(f"the ledger state's event is malformed: {err}") from None
+        with required_fields("the ledger state"):
+            try:
+                if state["version"] != STATE_VERSION:
+                    raise ValueError(f"ledger state version {state['version']!r} is not supported")
+                kind = _KINDS.get(state["kind"])
+                if kind is None:
+                    raise ValueError(f"unknown mechanism kind {state['kind']!r}")
+                event = kind(**state["event"])
+                ledger = cls(event, float(state["delta"]), str(state["accountant"]))
+                released = state["released"]
+            except TypeError as err:
+                raise ValueError(f"the ledger state's event is malformed: {err}") from None
         if isinstance(released, bool) or not isinstance(released, int) or released < 0:
             raise ValueError(f"released must be an integer >= 0, got {released!r}")
         ledger._released = int(released)

@@ -9,8 +9,8 @@ import subprocess
 import tempfile
 from collections.abc import Callable
 from pathlib import Path
-from types import TracebackType
 
+from flower_privacy._closing import ClosesOnExit
 from flower_privacy.harness.flwr_cli import FlowerCli, RunOutcome
 from flower_privacy.harness.processes import (
     command,
@@ -24,7 +24,7 @@ from flower_privacy.harness.tls import TlsFiles, make_tls_files
 CONNECTION = "flower-privacy-deployment"
 
 
-class LocalDeployment:
+class LocalDeployment(ClosesOnExit):
     """``flower-superlink`` plus ``num_supernodes`` ``flower-supernode`` processes.
 
     TLS with a fresh local CA by default. Node ``i`` gets ``node-config``
@@ -117,7 +117,7 @@ class LocalDeployment:
                 root_certificates=self.tls_files.ca_certificate if self.tls_files else None,
             )
         except BaseException:
-            self.__exit__(None, None, None)
+            self.close()
             raise
         return self
 
@@ -142,12 +142,8 @@ class LocalDeployment:
         """Text of one process log (``superlink.log``, ``supernode-0.log``, ...)."""
         return (self.workdir / name).read_text(errors="replace")
 
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
+    def close(self) -> None:
+        """Stop every SuperNode and the SuperLink; remove a temporary workdir."""
         for process in self.supernodes:
             if process is not None:
                 stop_process_tree(process)

@@ -14,8 +14,8 @@ import subprocess
 import tempfile
 from collections.abc import Callable
 from pathlib import Path
-from types import TracebackType
 
+from flower_privacy._closing import ClosesOnExit
 from flower_privacy.harness.flwr_cli import FlowerCli, RunOutcome
 from flower_privacy.harness.presets import check_gpu, for_existing_ray_cluster, to_overrides
 from flower_privacy.harness.processes import command, free_port, stop_process_tree, wait_for_port
@@ -24,7 +24,7 @@ logger = logging.getLogger(__name__)
 CONNECTION = "flower-privacy-sim"
 
 
-class LocalSimulation:
+class LocalSimulation(ClosesOnExit):
     """A private simulation SuperLink; use as a context manager.
 
     Example
@@ -69,18 +69,14 @@ class LocalSimulation:
         try:
             wait_for_port(self.port, timeout=self.startup_timeout, process=self.process)
         except Exception:
-            self.__exit__(None, None, None)
+            self.close()
             raise RuntimeError(
                 f"the simulation SuperLink did not start; its log:\n{self.log_path.read_text()}"
             ) from None
         return self
 
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
+    def close(self) -> None:
+        """Stop the SuperLink and everything it started; remove a temporary workdir."""
         if self.process is not None:
             stop_process_tree(self.process)
             self.process = None

@@ -10,10 +10,10 @@ import multiprocessing
 import os
 import time
 from concurrent.futures import ProcessPoolExecutor
-from types import TracebackType
 
 import numpy as np
 
+from flower_privacy._closing import ClosesOnExit
 from flower_privacy.he.errors import HEConfigError
 
 _WORKER_CONTEXT = None
@@ -47,7 +47,7 @@ def default_workers() -> int:
     return max(1, min(4, cpus))
 
 
-class EncryptionPool:
+class EncryptionPool(ClosesOnExit):
     """A process pool that encrypts chunks under one public context.
 
     Parameters
@@ -83,14 +83,3 @@ class EncryptionPool:
     def close(self) -> None:
         """Stop the worker processes."""
         self._executor.shutdown(wait=True, cancel_futures=True)
-
-    def __enter__(self) -> EncryptionPool:
-        return self
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        self.close()

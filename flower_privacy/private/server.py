@@ -7,6 +7,8 @@ no application writes that composition again.
 
 from __future__ import annotations
 
+from typing import Any
+
 from flwr.serverapp.strategy import Strategy
 
 from flower_privacy.private.config import PrivacyConfig
@@ -24,6 +26,32 @@ from flower_privacy.strategies import (
     SecureAggregation,
     StrictRounds,
 )
+
+# The wrappers' parameters that come straight from the configuration: each is the
+# configuration's field of that name behind the mechanism's prefix (secagg_, he_).
+_SECAGG_FIELDS = ("clip_range", "max_weight", "max_clients")
+_DP_FIELDS = (
+    "target_epsilon",
+    "noise_multiplier",
+    "delta",
+    "clip_norm",
+    "adaptive_clipping",
+    "sampling_rate",
+    "accountant",
+)
+_HE_FIELDS = (
+    "server_context",
+    "max_clients",
+    "max_weight",
+    "clip_range",
+    "precision_bits",
+    "save_path",
+)
+
+
+def _fields(config: PrivacyConfig, names: tuple[str, ...], prefix: str = "") -> dict[str, Any]:
+    """``{name: config.<prefix><name>}``: the keyword arguments a wrapper takes from it."""
+    return {name: getattr(config, prefix + name) for name in names}
 
 
 def make_private(strategy: Strategy, config: PrivacyConfig | str) -> StrictRounds:
@@ -77,26 +105,14 @@ def _secure(strategy: Strategy, config: PrivacyConfig) -> SecureAggregation:
         # Client-level DP: uniform weights (example counts are data) and noise
         # calibrated for the fewest survivors a round may have.
         options |= {"weighting": "uniform", "min_train_replies": config.min_clients}
-    return SecureAggregation(
-        strategy,
-        clip_range=config.secagg_clip_range,
-        max_weight=config.secagg_max_weight,
-        max_clients=config.secagg_max_clients,
-        **options,
-    )
+    return SecureAggregation(strategy, **_fields(config, _SECAGG_FIELDS, "secagg_"), **options)
 
 
 def _client_level_dp(strategy: Strategy, config: PrivacyConfig, placement: str) -> ClientLevelDP:
     return ClientLevelDP(
         strategy,
-        target_epsilon=config.target_epsilon,
-        noise_multiplier=config.noise_multiplier,
-        delta=config.delta,
-        clip_norm=config.clip_norm,
-        adaptive_clipping=config.adaptive_clipping,
+        **_fields(config, _DP_FIELDS),
         placement=placement,
-        sampling_rate=config.sampling_rate,
-        accountant=config.accountant,
         # The secure sum enforces its own minimum; in the clear, Poisson rounds may
         # legitimately be small (the noise is calibrated for the expected count).
         min_train_replies=1,
@@ -105,12 +121,4 @@ def _client_level_dp(strategy: Strategy, config: PrivacyConfig, placement: str) 
 
 def _encrypted(strategy: Strategy, config: PrivacyConfig) -> EncryptedFedAvg:
     assert config.he_server_context  # PrivacyConfig refuses he without it
-    return EncryptedFedAvg(
-        strategy,
-        server_context=config.he_server_context,
-        max_clients=config.he_max_clients,
-        max_weight=config.he_max_weight,
-        clip_range=config.he_clip_range,
-        precision_bits=config.he_precision_bits,
-        save_path=config.he_save_path,
-    )
+    return EncryptedFedAvg(strategy, **_fields(config, _HE_FIELDS, "he_"))
