@@ -40,14 +40,13 @@ from flower_privacy.dp.discrete_accounting import (
     ORDERS,
     DistributedDiscreteGaussianRounds,
     SkellamRounds,
-    calibrate_variance,
     ddg_rdp,
     epsilon,
-    plan_distributed,
     rdp,
     skellam_rdp,
     subsampled_rdp,
 )
+from flower_privacy.dp.discrete_planning import calibrate_variance, plan_distributed
 
 # Flower-free cores: run on the main Flower version only.
 pytestmark = pytest.mark.once

@@ -47,7 +47,6 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
 
 import numpy as np
 from scipy.special import gammaln, logsumexp
@@ -61,30 +60,18 @@ from flower_privacy.dp.discrete import (
     share_variance,
 )
 
-if TYPE_CHECKING:
-    from flower_privacy.dp.discrete_planning import (
-        DistributedPlan,
-        calibrate_variance,
-        plan_distributed,
-    )
-
 __all__ = [
     "ORDERS",
     "DistributedDiscreteGaussianRounds",
-    "DistributedPlan",
     "SkellamRounds",
-    "calibrate_variance",
     "distributed_event",
     "ddg_rdp",
     "epsilon",
-    "plan_distributed",
     "rdp",
     "skellam_rdp",
     "subsampled_rdp",
 ]
-# Calibration and planning live in discrete_planning, which builds on this module; their
-# names stay importable from here (loaded on first use, so that neither import cycles).
-_PLANNING = ("MAX_SHARE_VARIANCE", "DistributedPlan", "calibrate_variance", "plan_distributed")
+# Calibration and planning (the inverse problem) live in discrete_planning.
 
 ORDERS = np.arange(2, 257, dtype=np.int64)  # integer orders, as Zhu & Wang's bound needs
 
@@ -281,11 +268,3 @@ def distributed_event(
     return DistributedDiscreteGaussianRounds(
         clip, dim, scale, noise_variance, sampling_rate, rounds, min_clients, max_clients, beta
     )
-
-
-def __getattr__(name: str) -> object:
-    if name in _PLANNING:
-        from flower_privacy.dp import discrete_planning
-
-        return getattr(discrete_planning, name)
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -16,7 +16,7 @@ from logging import INFO, WARNING
 from flwr.common import log
 
 from flower_privacy.dp.accounting import GaussianRounds, calibrate
-from flower_privacy.dp.discrete_accounting import DistributedPlan
+from flower_privacy.dp.discrete_planning import DistributedPlan
 from flower_privacy.dp.distributed import DistributedNoiseEncoding
 from flower_privacy.dp.ledger import PrivacyLedger
 
@@ -79,7 +79,7 @@ class DistributedBudget:
     def of(
         cls, plan: DistributedPlan, settings: BudgetSettings, clip: float, min_clients: int
     ) -> DistributedBudget:
-        """Wrap ``plan`` (from :func:`~flower_privacy.dp.discrete_accounting.plan_distributed`)."""
+        """Wrap ``plan`` (from :func:`~flower_privacy.dp.discrete_planning.plan_distributed`)."""
         budget = cls(
             plan,
             PrivacyLedger(plan.event, settings.delta, settings.accountant),

@@ -29,7 +29,7 @@ from flwr.serverapp.strategy import Strategy
 
 from flower_privacy.dp.accounting import adaptive_update_noise
 from flower_privacy.dp.clipping import AdaptiveClipping
-from flower_privacy.dp.discrete_accounting import DistributedPlan, plan_distributed
+from flower_privacy.dp.discrete_planning import DistributedPlan, plan_distributed
 from flower_privacy.dp.distributed import DistributedNoiseEncoding
 from flower_privacy.dp.ledger import PrivacyLedger
 from flower_privacy.dp.noise import secure_generator
