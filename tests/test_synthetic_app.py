@@ -111,3 +111,5 @@ def test_bench_ray_options_are_checked_before_anything_runs() -> None:
     assert res.returncode == 2 and "--ray-per-round must be in [1, 10], got 20" in res.stderr
     res = run_cli("bench", "secagg", "--ray", "--ray-rounds", "1")
     assert res.returncode == 2 and "--ray-rounds must be >= 2" in res.stderr
+    res = run_cli("bench", "secagg", "--ray", "--ray-repeats", "0")
+    assert res.returncode == 2 and "--ray-repeats must be >= 1, got 0" in res.stderr

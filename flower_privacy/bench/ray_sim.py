@@ -21,7 +21,9 @@ from pathlib import Path
 
 from flower_privacy._closing import ClosesOnExit
 from flower_privacy.bench.app_logs import ROUND_SECONDS, TRAIN_METRICS, logged_json
+from flower_privacy.harness.flwr_cli import RunOutcome
 from flower_privacy.harness.processes import descendants
+from flower_privacy.wire import secagg as wire
 
 SYNTHETIC_APP = Path(__file__).resolve().parents[2] / "apps" / "synthetic"
 _PAGE = os.sysconf("SC_PAGE_SIZE")
@@ -116,13 +118,18 @@ def run(
     dropout: float = 0.1,
     group_size: int = 5,
     local_epochs: int | None = None,
+    repeats: int = 1,
     timeout: float = 3600.0,
     log: Callable[[str], None] = print,
     echo: Callable[[str], None] | None = None,
 ) -> dict:
     """The ``ray`` entry: both runs' steady round times and the peak summed RSS.
 
-    ``echo`` receives every line the runs stream (for profiling).
+    ``repeats`` pairs of runs alternate their order (FedAvg first, then secure
+    aggregation first, ...), so that a machine whose load drifts during the bench
+    biases neither side; each pair gives a ratio and ``ratio`` is their median. Every
+    run records the 1-minute load average before it starts. ``echo`` receives every
+    line the runs stream (for profiling).
     """
     from flower_privacy.harness.simulation import LocalSimulation
 
@@ -130,6 +137,8 @@ def run(
         raise ValueError(f"per_round must be in [1, clients={clients}], got {per_round}")
     if rounds < 2:
         raise ValueError(f"rounds must be >= 2 (round 1 holds the start-up), got {rounds}")
+    if repeats < 1:
+        raise ValueError(f"repeats must be >= 1, got {repeats}")
     common = (
         f"client-mode='train' min-nodes={clients} clients-per-round={per_round} "
         f"num-server-rounds={rounds} dropout-fraction={dropout} dropout-seed=1 "
@@ -138,40 +147,59 @@ def run(
     )
     if local_epochs is not None:
         common += f" local-epochs={local_epochs}"
-    runs = {
+    privacy = {
         "fedavg": "privacy='none'",
         "secagg": f"privacy='secagg' secagg-group-size={group_size}",
     }
     out: dict[str, object] = {"clients": clients, "per_round": per_round, "rounds": rounds}
+    pairs: list[dict[str, float]] = []
     with TreeRss() as rss, LocalSimulation() as sim:
-        for name, privacy in runs.items():
-            log(f"ray: {name}, {clients} clients, {per_round} a round, {rounds} rounds ...")
-            outcome = sim.run(
-                SYNTHETIC_APP,
-                _federation(clients),
-                run_config=[f"{common} {privacy}"],
-                timeout=timeout,
-                echo=echo,
-            )
-            if not outcome.completed:
-                reason = outcome.fatal_reason or outcome.details
-                tail = "\n".join(outcome.log[-30:])
-                raise RuntimeError(f"the {name} Ray run failed: {outcome.status}: {reason}\n{tail}")
-            seconds = [float(s) for s in logged_json(outcome.log, ROUND_SECONDS)]
-            metrics = logged_json(outcome.log, TRAIN_METRICS)
-            out[f"{name}_round_s"] = _steady(seconds)
-            out[f"{name}_rounds_s"] = seconds
-            out[f"{name}_wall_s"] = outcome.wall_seconds
-            if name == "fedavg":
-                out["client_train_s"] = statistics.mean(
-                    float(m["train-seconds"]) for m in metrics.values()
+        for repeat in range(repeats):
+            order = ["fedavg", "secagg"] if repeat % 2 == 0 else ["secagg", "fedavg"]
+            pair: dict[str, float] = {}
+            for name in order:
+                log(
+                    f"ray: {name} (pair {repeat + 1}/{repeats}), {clients} clients, "
+                    f"{per_round} a round, {rounds} rounds ..."
                 )
-            else:
-                out["secagg_survivors"] = [int(m["secagg-clients"]) for m in metrics.values()]
-                out["secagg_dropped"] = [int(m["secagg-dropped"]) for m in metrics.values()]
-                out["secagg_excluded"] = [int(m["secagg-excluded"]) for m in metrics.values()]
+                pair[f"{name}_load_1min"] = os.getloadavg()[0]
+                outcome = sim.run(
+                    SYNTHETIC_APP,
+                    _federation(clients),
+                    run_config=[f"{common} {privacy[name]}"],
+                    timeout=timeout,
+                    echo=echo,
+                )
+                if not outcome.completed:
+                    reason = outcome.fatal_reason or outcome.details
+                    tail = "\n".join(outcome.log[-30:])
+                    raise RuntimeError(
+                        f"the {name} Ray run failed: {outcome.status}: {reason}\n{tail}"
+                    )
+                seconds = [float(s) for s in logged_json(outcome.log, ROUND_SECONDS)]
+                pair[f"{name}_round_s"] = _steady(seconds)
+                if repeat == 0:
+                    _first_run_details(out, name, seconds, outcome)
+            pair["ratio"] = pair["secagg_round_s"] / pair["fedavg_round_s"]
+            pairs.append(pair)
+    for name in privacy:
+        out[f"{name}_round_s"] = statistics.median(p[f"{name}_round_s"] for p in pairs)
+    out["pairs"] = pairs
+    out["ratio"] = statistics.median(p["ratio"] for p in pairs)
     out["peak_rss_mib"] = rss.peak_bytes / 2**20
     out["peak_rss_processes"] = rss.peak_processes
-    out["ratio"] = out["secagg_round_s"] / out["fedavg_round_s"]
     out.update({"dropout": dropout, "group_size": group_size})
     return out
+
+
+def _first_run_details(out: dict, name: str, seconds: list[float], outcome: RunOutcome) -> None:
+    """Each round's seconds, the wall time and the clients' figures of a first run."""
+    metrics = logged_json(outcome.log, TRAIN_METRICS)
+    out[f"{name}_rounds_s"] = seconds
+    out[f"{name}_wall_s"] = outcome.wall_seconds
+    if name == "fedavg":
+        out["client_train_s"] = statistics.mean(float(m["train-seconds"]) for m in metrics.values())
+    else:
+        out["secagg_survivors"] = [int(m[wire.METRIC_CLIENTS]) for m in metrics.values()]
+        out["secagg_dropped"] = [int(m[wire.METRIC_DROPPED]) for m in metrics.values()]
+        out["secagg_excluded"] = [int(m[wire.METRIC_EXCLUDED]) for m in metrics.values()]

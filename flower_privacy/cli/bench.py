@@ -46,6 +46,10 @@ def bench_secagg(
         int, typer.Option(help="Clients sampled a round in --ray (0 = a tenth of them).")
     ] = 0,
     ray_rounds: Annotated[int, typer.Option(help="Rounds of each --ray run.")] = 5,
+    ray_repeats: Annotated[
+        int,
+        typer.Option(help="Pairs of --ray runs, in alternating order (the ratio is their median)."),
+    ] = 1,
 ) -> None:
     """Secure aggregation against FedAvg and Flower's SecAgg+, same process, same data."""
     from flower_privacy.bench import ray_sim, secagg
@@ -61,6 +65,8 @@ def bench_secagg(
         per_round = ray_per_round or max(1, ray_clients // 10)
         if ray and not 1 <= per_round <= ray_clients:
             raise ValueError(f"--ray-per-round must be in [1, {ray_clients}], got {per_round}")
+        if ray and ray_repeats < 1:
+            raise ValueError(f"--ray-repeats must be >= 1, got {ray_repeats}")
         if ray and ray_rounds < 2:
             raise ValueError(
                 f"--ray-rounds must be >= 2 (round 1 holds start-up), got {ray_rounds}"
@@ -70,7 +76,11 @@ def bench_secagg(
         result["scaling"] = scaling_bench.run(sizes=sizes, log=_progress)
     if ray:
         result["ray"] = ray_sim.run(
-            clients=ray_clients, per_round=per_round, rounds=ray_rounds, log=_progress
+            clients=ray_clients,
+            per_round=per_round,
+            rounds=ray_rounds,
+            repeats=ray_repeats,
+            log=_progress,
         )
     _echo_result(result, as_json, _secagg_lines)
 
