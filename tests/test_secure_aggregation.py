@@ -468,21 +468,35 @@ def test_sum_settings_an_outer_layer_sends_are_checked() -> None:
     from flower_privacy.strategies._secagg_checks import check_sum_settings
 
     fields = DistributedNoiseEncoding("skellam", 1.0, 100.0, 4.0, 0.5).request_fields()
-    with pytest.raises(ValueError, match="needs a fixed denominator"):
-        check_sum_settings(wire.SumSettings(None, fields), "uniform", None)
     with pytest.raises(ValueError, match="unknown encoding"):
-        check_sum_settings(wire.SumSettings(5.0, {**fields, "encoding": "x"}), "uniform", None)
+        check_sum_settings(wire.SumSettings({**fields, "encoding": "x"}), "uniform")
     with pytest.raises(ValueError, match="weighting='uniform'"):
-        check_sum_settings(wire.SumSettings(5.0, fields), "weighted", None)
-    with pytest.raises(ValueError, match="leave uniform_denominator unset"):
-        check_sum_settings(wire.SumSettings(5.0, fields), "uniform", 4.0)
-    encoding, denominator = check_sum_settings(wire.SumSettings(5.0, fields), "uniform", None)
-    assert encoding is not None and denominator == 5.0
-    config = wire.SumSettings(5.0, fields).put(ConfigRecord({"lr": 0.1}))
+        check_sum_settings(wire.SumSettings(fields), "weighted")
+    assert check_sum_settings(wire.SumSettings(), "weighted") is None
+    encoding = check_sum_settings(wire.SumSettings(fields), "uniform")
+    assert encoding == DistributedNoiseEncoding.from_request(fields)
+    config = wire.SumSettings(fields).put(ConfigRecord({"lr": 0.1}))
     rest, settings = wire.SumSettings.take(config)
-    assert dict(rest.items()) == {"lr": 0.1} and settings == wire.SumSettings(5.0, fields)
+    assert dict(rest.items()) == {"lr": 0.1} and settings == wire.SumSettings(fields)
     with pytest.raises(ValueError, match="already holds secure-sum settings"):
-        wire.SumSettings(5.0).put(config)
+        wire.SumSettings(fields).put(config)
+
+
+def test_a_dp_encoded_sum_is_not_released_by_secure_aggregation_itself() -> None:
+    # A layer that asks for a DP encoding releases the sum (aggregate_sum, then step);
+    # SecureAggregation alone would divide it by the survivors' count: refused, and the
+    # round is marked revealed so that a DP layer would still charge it.
+    from flwr.app import ConfigRecord
+
+    from flower_privacy.dp.distributed import DistributedNoiseEncoding
+
+    fields = DistributedNoiseEncoding("skellam", 1.0, 100.0, 4.0, 0.5).request_fields()
+    grid = InProcessGrid(_updates_app(1), num_nodes=4)
+    strategy = SecureAggregation(_fedavg(4), weighting="uniform", max_weight=1)
+    config = wire.SumSettings(fields).put(ConfigRecord())
+    with pytest.raises(RunHaltedError, match="carries a DP encoding") as info:
+        strategy.start(grid, _zeros(), num_rounds=1, train_config=config)
+    assert info.value.__cause__.revealed
 
 
 def test_max_clients_below_the_group_size_is_refused_when_the_run_starts() -> None:

@@ -83,33 +83,19 @@ def check_inner(strategy: Strategy, trusted: bool) -> None:
 
 
 def check_sum_settings(
-    settings: wire.SumSettings, weighting: str, uniform_denominator: float | None
-) -> tuple[DistributedNoiseEncoding | None, float | None]:
-    """The round's (encoding, denominator) an outer layer asked for, checked."""
-    denominator = settings.denominator
-    if settings.encoding and denominator is None:
-        raise ValueError(
-            "a DP encoding needs a fixed denominator: dividing by the survivor count would "
-            "make the release depend on who answered"
-        )
-    if settings.encoding and settings.encoding.get("encoding") != ENCODING:
+    settings: wire.SumSettings, weighting: str
+) -> DistributedNoiseEncoding | None:
+    """The round's encoding an outer layer asked for (None: the quantiser), checked."""
+    if not settings.encoding:
+        return None
+    if settings.encoding.get("encoding") != ENCODING:
         raise ValueError(f"unknown encoding {settings.encoding.get('encoding')!r}")
-    if (denominator is not None or settings.encoding) and weighting != "uniform":
+    if weighting != "uniform":
         raise ValueError(
-            "a fixed denominator or a DP encoding needs weighting='uniform' (example "
-            "counts are data): build SecureAggregation(..., weighting='uniform')"
+            "a DP encoding needs weighting='uniform' (example counts are data): build "
+            "SecureAggregation(..., weighting='uniform')"
         )
-    if denominator is not None and not denominator > 0:
-        raise ValueError(f"the requested denominator must be > 0, got {denominator}")
-    if denominator is not None and uniform_denominator not in (None, denominator):
-        raise ValueError(
-            f"uniform_denominator={uniform_denominator} was given, but the layer above "
-            f"divides by {denominator}: leave uniform_denominator unset"
-        )
-    encoding = (
-        DistributedNoiseEncoding.from_request(settings.encoding) if settings.encoding else None
-    )
-    return encoding, denominator or uniform_denominator
+    return DistributedNoiseEncoding.from_request(settings.encoding)
 
 
 def check_revealed_weight(

@@ -1,13 +1,48 @@
-"""What :class:`SecureAggregation` reports of a round's unmasked sum: metrics and logs."""
+"""What :class:`SecureAggregation` reveals of a round: the sum, its metrics and logs."""
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
 from logging import ERROR, INFO, WARNING
 
+import numpy as np
+from flwr.app import Message
 from flwr.common import log
 
+from flower_privacy.errors import RoundFailedError
 from flower_privacy.secagg.protocol import RoundResult
 from flower_privacy.wire import secagg as wire
+
+
+@dataclass(frozen=True)
+class SecureSum:
+    """A round's unmasked sum: all the server learns of the survivors' updates.
+
+    ``total`` is the sum of their encoded updates in the ring (model coordinates);
+    ``weight`` the sum of their weights; ``metrics`` the public participation counts,
+    clipped values and, with groups, the audited T; ``envelope`` a survivor's reply,
+    reused as the envelope of the inner strategy's step.
+    """
+
+    total: np.ndarray
+    weight: int
+    metrics: dict[str, int]
+    envelope: Message
+
+
+@contextmanager
+def revealed_on_failure(server_round: int) -> Iterator[None]:
+    """Whatever fails inside fails the round as revealed: the server has seen the sum.
+
+    An outer DP layer charges a revealed round (:class:`RoundFailedError`'s ``revealed``).
+    """
+    try:
+        yield
+    except Exception as err:  # noqa: BLE001 - whatever failed, the sum was seen
+        reason = err.reason if isinstance(err, RoundFailedError) else repr(err)
+        raise RoundFailedError(server_round, reason, revealed=True) from err
 
 
 def sum_metrics(result: RoundResult, excluded: list[int]) -> dict[str, int]:

@@ -324,9 +324,7 @@ class ClientLevelDP(InTheClear, StrictRounds):
                     self.fixed_expected_clients or self.secure.expected_cohort_size()
                 )
             assert self._encoding is not None
-            config = wire_secagg.SumSettings(
-                denominator=self.expected_clients, encoding=self._encoding.request_fields()
-            ).put(config)
+            config = wire_secagg.SumSettings(self._encoding.request_fields()).put(config)
         messages = list(super().configure_train(server_round, arrays, config, grid))
         self._global = arrays
         if self.secure is None:
@@ -341,27 +339,14 @@ class ClientLevelDP(InTheClear, StrictRounds):
         self, server_round: int, replies: Iterable[Message]
     ) -> tuple[ArrayRecord | None, MetricRecord | None]:
         """Clip (central), sum, add noise, divide by the expected count; then account."""
+        assert self.ledger is not None
         if self.secure is not None:
-            try:
-                arrays, inner_metrics = self.secure.aggregate_train(server_round, replies)
-            except RoundFailedError as err:
-                if err.revealed:
-                    # The server saw this round's noisy sum: it is a release all the same.
-                    assert self.ledger is not None
-                    self.ledger.charge()
-                    log(WARNING, "round %d failed after unmasking: charged", server_round)
-                raise
-            # Participation is public in the distributed placement (zero-out relation);
-            # the clipped-value count is not released.
-            metrics = MetricRecord(
-                {k: v for k, v in (inner_metrics or {}).items() if k in _PUBLIC_SECAGG_METRICS}
-            )
+            arrays, metrics = self._release_secure_sum(server_round, replies)
         else:
             arrays = self._aggregate_in_the_clear(server_round, replies)
             metrics = MetricRecord()
-        # Charged before any check: the server has seen this round's release.
-        assert self.ledger is not None
-        self.ledger.charge()
+            # Charged before any check: the server has seen this round's release.
+            self.ledger.charge()
         self._check_finite(server_round, arrays)
         metrics.update(
             {
@@ -382,6 +367,28 @@ class ClientLevelDP(InTheClear, StrictRounds):
             self.released,
         )
         return arrays, metrics
+
+    def _release_secure_sum(
+        self, server_round: int, replies: Iterable[Message]
+    ) -> tuple[ArrayRecord, MetricRecord]:
+        """The distributed release: the noisy secure sum over the fixed count m."""
+        assert self.secure is not None and self.ledger is not None and self._encoding
+        try:
+            secure_sum = self.secure.aggregate_sum(server_round, replies)
+        except RoundFailedError as err:
+            if err.revealed:
+                # The server saw this round's noisy sum: it is a release all the same.
+                self.ledger.charge()
+                log(WARNING, "round %d failed after unmasking: charged", server_round)
+            raise
+        self.ledger.charge()
+        assert self.expected_clients is not None
+        mean_delta = self._encoding.decode_sum(secure_sum.total, self.expected_clients)
+        arrays, inner_metrics = self.secure.step(server_round, secure_sum, mean_delta)
+        # Participation is public in the distributed placement (zero-out relation);
+        # the clipped-value count is not released.
+        public = {k: v for k, v in inner_metrics.items() if k in _PUBLIC_SECAGG_METRICS}
+        return arrays, MetricRecord(public)
 
     @property
     def empty_rounds_aggregate(self) -> bool:

@@ -37,7 +37,13 @@ from flower_privacy.strategies._secagg_checks import (
     check_sum_settings,
     check_train_count,
 )
-from flower_privacy.strategies._secagg_result import log_security_events, log_sum, sum_metrics
+from flower_privacy.strategies._secagg_result import (
+    SecureSum,
+    log_security_events,
+    log_sum,
+    revealed_on_failure,
+    sum_metrics,
+)
 from flower_privacy.strategies._secagg_setup import (
     CohortSetup,
     expected_cohort,
@@ -184,9 +190,9 @@ class SecureAggregation(StrictRounds):
         self._exchanger: StageExchange | None = None
         self._setup: CohortSetup | None = None
         self._global: ArrayRecord | None = None
-        # Per round: how clients encode (None: the quantiser) and what divides the sum,
-        # as an outer layer asked in the train config (wire.SumSettings).
-        self._sums: dict[int, tuple[DistributedNoiseEncoding | None, float | None]] = {}
+        # Per round: how clients encode (None: the quantiser), as an outer layer asked in
+        # the train config (wire.SumSettings).
+        self._encodings: dict[int, DistributedNoiseEncoding | None] = {}
 
     def _new_protocol(self) -> protocol.SecAggServer:
         self.plan = (
@@ -212,7 +218,7 @@ class SecureAggregation(StrictRounds):
         self.protocol = self._new_protocol()
         if plan is not None and self.plan is not None and plan.generations:
             self.plan = plan  # the clients keep the groups for the Flower run: so do we
-        self._sums = {}
+        self._encodings = {}
         self._exchanger = StageExchange(grid, lambda: self.round_timeout, self.max_refusals)
         super().prepare_run(grid, num_rounds)
         self._wait_for_nodes(grid)
@@ -284,10 +290,8 @@ class SecureAggregation(StrictRounds):
         if self._exchanger is None:
             self.prepare_run(grid, server_round)
         config, settings = wire.SumSettings.take(config)
-        self._sums[server_round] = check_sum_settings(
-            settings, self.weighting, self.uniform_denominator
-        )
-        self._sums.pop(server_round - 2, None)
+        self._encodings[server_round] = check_sum_settings(settings, self.weighting)
+        self._encodings.pop(server_round - 2, None)
         inner = list(super().configure_train(server_round, arrays, config, grid))
         if not inner:
             return []
@@ -323,6 +327,24 @@ class SecureAggregation(StrictRounds):
     def aggregate_train(
         self, server_round: int, replies: Iterable[Message]
     ) -> tuple[ArrayRecord | None, MetricRecord | None]:
+        """Unmask the round's sum, divide it, and hand the mean to the inner strategy."""
+        secure_sum = self.aggregate_sum(server_round, replies)
+        with revealed_on_failure(server_round):
+            if self._encodings[server_round] is not None:
+                raise RuntimeError(
+                    "this round's sum carries a DP encoding: the layer that asked for it "
+                    "releases it (aggregate_sum, then step)"
+                )
+            denominator = self.uniform_denominator or secure_sum.weight
+            mean_delta = self.quantizer.decode_sum(secure_sum.total, denominator)
+            return self.step(server_round, secure_sum, mean_delta)
+
+    def aggregate_sum(self, server_round: int, replies: Iterable[Message]) -> SecureSum:
+        """The round's unmasked sum (the aggregation; releasing it is the caller's).
+
+        A failure once the sum is unmasked is a :class:`RoundFailedError` with
+        ``revealed=True``.
+        """
         assert self._global is not None and self._exchanger is not None and self._setup
         length = sum(int(np.prod(a.shape)) for a in self._global.values())
         replies = list(replies)
@@ -362,17 +384,23 @@ class SecureAggregation(StrictRounds):
             )
         except protocol.ProtocolError as err:
             raise RoundFailedError(server_round, f"unmasking failed: {err}") from None
-        try:
-            return self._finish(server_round, result, excluded, by_node[result.survivors[0]])
-        except Exception as err:  # noqa: BLE001 - whatever failed, the sum was seen
-            # The sum was unmasked: an outer DP layer must charge the round.
-            reason = err.reason if isinstance(err, RoundFailedError) else repr(err)
-            raise RoundFailedError(server_round, reason, revealed=True) from err
+        with revealed_on_failure(server_round):
+            return self._revealed(server_round, result, excluded, by_node[result.survivors[0]])
+
+    def step(
+        self, server_round: int, secure_sum: SecureSum, mean_delta: np.ndarray
+    ) -> tuple[ArrayRecord, MetricRecord]:
+        """The inner strategy's own step (e.g. FedAdam's) on the released mean update."""
+        assert self._global is not None
+        arrays, metrics = self._aggregate_as_one_reply(
+            server_round, add_flat(self._global, mean_delta), secure_sum.weight, secure_sum.envelope
+        )
+        return arrays, MetricRecord({**(metrics or {}), **secure_sum.metrics})
 
     # -- the round's result ----------------------------------------------------------
 
     def _masking(self, server_round: int) -> wire.Masking:
-        encoding = self._sums[server_round][0]
+        encoding = self._encodings[server_round]
         return wire.Masking(
             arrays_key=self.arrays_key,
             weight_key=self.weight_key,
@@ -386,28 +414,21 @@ class SecureAggregation(StrictRounds):
 
     def _word_bits(self, server_round: int) -> int:
         """The ring's word width in a round: its encoding's (32 for distributed DP)."""
-        encoding = self._sums[server_round][0]
-        return (encoding or self.quantizer).word_bits
+        return (self._encodings[server_round] or self.quantizer).word_bits
 
-    def _finish(
+    def _revealed(
         self,
         server_round: int,
         result: protocol.RoundResult,
         excluded: list[int],
         envelope: Message,
-    ) -> tuple[ArrayRecord, MetricRecord]:
-        assert self._global is not None
+    ) -> SecureSum:
         log_security_events(server_round, result)
         check_revealed_weight(server_round, result, self.weighting, self.quantizer.max_weight)
-        encoding, fixed = self._sums[server_round]
-        mean_delta = (encoding or self.quantizer).decode_sum(result.total, fixed or result.weight)
-        arrays, metrics = self._aggregate_as_one_reply(
-            server_round, add_flat(self._global, mean_delta), result.weight, envelope
-        )
-        metrics = MetricRecord({**(metrics or {}), **sum_metrics(result, excluded)})
+        metrics = sum_metrics(result, excluded)
         if self.plan is not None:
             metrics[wire.METRIC_PRIVACY_T] = check_participation(
                 server_round, self.plan, result.survivors
             )
         log_sum(server_round, result, self.quantizer.clip_range)
-        return arrays, metrics
+        return SecureSum(result.total, result.weight, metrics, envelope)

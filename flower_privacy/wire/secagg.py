@@ -39,19 +39,17 @@ METRIC_PRIVACY_T = "secagg-privacy-t"  # the participation audit's T so far
 # Server side only: what an outer layer (client-level DP) asks of the secure sum, as
 # keys of the train config it passes down; taken out before the inner strategy sees it.
 SUM_PREFIX = "secagg.sum."
-SUM_DENOMINATOR = SUM_PREFIX + "denominator"
 
 
 @dataclass(frozen=True)
 class SumSettings:
-    """One round's requests of an outer layer to secure aggregation.
+    """One round's request of an outer layer to secure aggregation: how clients encode.
 
-    ``denominator``: divide the unmasked sum by this public constant (uniform weights);
     ``encoding``: the clients' encoding in place of the fixed-point quantiser, as
-    ``DistributedNoiseEncoding.request_fields()``.
+    ``DistributedNoiseEncoding.request_fields()``. The layer that asks for it releases
+    the sum itself (``SecureAggregation.aggregate_sum``, then ``step``).
     """
 
-    denominator: float | None = None
     encoding: dict = field(default_factory=dict)
 
     def put(self, config: ConfigRecord) -> ConfigRecord:
@@ -60,8 +58,6 @@ class SumSettings:
         if taken:
             raise ValueError(f"the train config already holds secure-sum settings {taken}")
         out = ConfigRecord(dict(config.items()))
-        if self.denominator is not None:
-            out[SUM_DENOMINATOR] = float(self.denominator)
         for key, value in self.encoding.items():
             out[SUM_PREFIX + key] = value
         return out
@@ -70,14 +66,8 @@ class SumSettings:
     def take(cls, config: ConfigRecord) -> tuple[ConfigRecord, SumSettings]:
         """(``config`` without the settings, the settings)."""
         rest = {k: v for k, v in config.items() if not k.startswith(SUM_PREFIX)}
-        encoding = {
-            k[len(SUM_PREFIX) :]: v
-            for k, v in config.items()
-            if k.startswith(SUM_PREFIX) and k != SUM_DENOMINATOR
-        }
-        denominator = config.get(SUM_DENOMINATOR)
-        settings = cls(None if denominator is None else float(denominator), encoding)
-        return ConfigRecord(rest), settings
+        encoding = {k[len(SUM_PREFIX) :]: v for k, v in config.items() if k.startswith(SUM_PREFIX)}
+        return ConfigRecord(rest), cls(encoding)
 
 
 def stages_of(content: RecordDict) -> list[str]:
