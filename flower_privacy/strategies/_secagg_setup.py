@@ -98,6 +98,27 @@ class CohortSetup:
         )
         self.accept_prepares(server_round, answers)
 
+    def accept_uploads(
+        self, server_round: int, uploads: dict[int, dict], length: int, word_bits: int
+    ) -> list[int]:
+        """Keep the usable masked uploads; with groups, leave incomplete groups out.
+
+        Returns the nodes left out with their incomplete groups.
+        """
+        for node, payload in uploads.items():
+            problem = self.server.accept_upload(server_round, node, payload, length, word_bits)
+            if problem is not None:
+                log(
+                    WARNING, "round %d: upload of node %s unusable: %s", server_round, node, problem
+                )
+        if self.plan is None:
+            return []
+        _kept, excluded = self.plan.keep(self.server.survivors(server_round))
+        if excluded:
+            log(WARNING, "round %d: nodes %s left out: incomplete groups", server_round, excluded)
+            self.server.exclude(server_round, excluded)
+        return excluded
+
     def unmask(self, server_round: int, consistency: bool) -> dict[int, dict]:
         """The (optional) consistency exchange, then the unmask exchange: the shares.
 

@@ -351,25 +351,9 @@ class SecureAggregation(StrictRounds):
         self._log_silent_nodes(server_round, "training", self._sent_to[server_round], replies)
         uploads = self._exchanger.payloads(server_round, wire.UPLOAD, replies)
         by_node = {r.metadata.src_node_id: r for r in replies}
-        for node, payload in uploads.items():
-            problem = self.protocol.accept_upload(
-                server_round, node, payload, length, self._word_bits(server_round)
-            )
-            if problem is not None:
-                log(
-                    WARNING, "round %d: upload of node %s unusable: %s", server_round, node, problem
-                )
-        excluded: list[int] = []
-        if self.plan is not None:
-            _kept, excluded = self.plan.keep(self.protocol.survivors(server_round))
-            if excluded:
-                log(
-                    WARNING,
-                    "round %d: nodes %s left out: incomplete groups",
-                    server_round,
-                    excluded,
-                )
-                self.protocol.exclude(server_round, excluded)
+        excluded = self._setup.accept_uploads(
+            server_round, uploads, length, self._word_bits(server_round)
+        )
         survivors = self.protocol.survivors(server_round)
         if len(survivors) < self.min_train_replies:
             raise RoundFailedError(
