@@ -371,6 +371,33 @@ def test_a_round_that_fails_after_unmasking_is_charged_and_the_sum_keys_stay_ser
     assert keys and not any(k.startswith(secagg_wire.SUM_PREFIX) for k in keys)
 
 
+class _NoModelFedAvg(FedAvg):
+    """An inner strategy whose own step yields no model (after the sum was released)."""
+
+    def aggregate_train(self, server_round, replies):  # noqa: ANN001, ANN201
+        super().aggregate_train(server_round, replies)
+        return None, None
+
+
+def test_a_round_whose_inner_step_fails_after_the_release_is_still_charged() -> None:
+    # The release step charges before it hands the mean on: a failure in the inner
+    # strategy's own step must not give the server a free look at the noisy sum.
+    dim, n = 64, 6
+    grid = InProcessGrid(make_toy_client_app(dim=dim, mods=[secagg_mod]), num_nodes=n)
+    inner = SecureAggregation(
+        _NoModelFedAvg(fraction_train=1.0, min_train_nodes=1, min_available_nodes=n),
+        weighting="uniform",
+        min_train_replies=4,
+        max_clients=20,
+        trust_inner_is_mean=True,
+    )
+    strategy = ClientLevelDP(inner, target_epsilon=3.0, clip_norm=1.0, placement="distributed")
+    with pytest.raises(RunHaltedError) as info:
+        strategy.start(grid, initial_arrays(dim), num_rounds=1)
+    assert "returned no model" in info.value.result.failed_rounds[1]
+    assert strategy.released == 1
+
+
 def test_distributed_placement_refuses_sampling_it_cannot_account() -> None:
     inner = SecureAggregation(_fedavg(), weighting="uniform")
     with pytest.raises(ValueError, match="amplification by sampling does not hold"):
