@@ -63,7 +63,7 @@ test-flwr-nightly:
 		"flwr-nightly[simulation]==$(FLWR_NIGHTLY)"
 	$(VENV_NIGHTLY)/bin/python -c "import tomllib; p = tomllib.load(open('pyproject.toml', \
 		'rb'))['project']; x = p['optional-dependencies']; print('\n'.join(r for r in \
-		p['dependencies'] + x['he'] + x['dp'] + x['apps'] + x['dev'] \
+		p['dependencies'] + [r for k, v in x.items() if k != 'all' for r in v] \
 		if not r.startswith('flwr[')))" > $(VENV_NIGHTLY)/requirements.txt
 	$(VENV_NIGHTLY)/bin/pip install --disable-pip-version-check -r $(VENV_NIGHTLY)/requirements.txt
 	$(VENV_NIGHTLY)/bin/pip install --disable-pip-version-check --no-deps -e .
