@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
@@ -24,6 +26,16 @@ class RoundFailedError(FlowerPrivacyError):
         self.server_round = server_round
         self.reason = reason
         self.revealed = revealed
+
+
+@contextmanager
+def revealed_on_failure(server_round: int) -> Iterator[None]:
+    """Whatever fails inside fails the round as revealed: the server has seen its sum."""
+    try:
+        yield
+    except Exception as err:  # noqa: BLE001 - whatever failed, the sum was seen
+        reason = err.reason if isinstance(err, RoundFailedError) else repr(err)
+        raise RoundFailedError(server_round, reason, revealed=True) from err
 
 
 class RunHaltedError(FlowerPrivacyError):

@@ -379,13 +379,27 @@ class _NoModelFedAvg(FedAvg):
         return None, None
 
 
-def test_a_round_whose_inner_step_fails_after_the_release_is_still_charged() -> None:
+class _RaisingFedAvg(FedAvg):
+    """An inner strategy whose own step raises (a bug in the user's strategy)."""
+
+    def aggregate_train(self, server_round, replies):  # noqa: ANN001, ANN201
+        raise ValueError("inner step broke")
+
+
+@pytest.mark.parametrize(
+    ("inner_cls", "reason"),
+    [(_NoModelFedAvg, "returned no model"), (_RaisingFedAvg, "inner step broke")],
+)
+def test_a_round_whose_inner_step_fails_after_the_release_is_charged_and_recorded(
+    inner_cls: type, reason: str
+) -> None:
     # The release step charges before it hands the mean on: a failure in the inner
-    # strategy's own step must not give the server a free look at the noisy sum.
+    # strategy's own step must not give the server a free look at the noisy sum, and it
+    # is a failed (revealed) round, not an exception out of the run.
     dim, n = 64, 6
     grid = InProcessGrid(make_toy_client_app(dim=dim, mods=[secagg_mod]), num_nodes=n)
     inner = SecureAggregation(
-        _NoModelFedAvg(fraction_train=1.0, min_train_nodes=1, min_available_nodes=n),
+        inner_cls(fraction_train=1.0, min_train_nodes=1, min_available_nodes=n),
         weighting="uniform",
         min_train_replies=4,
         max_clients=20,
@@ -394,7 +408,8 @@ def test_a_round_whose_inner_step_fails_after_the_release_is_still_charged() -> 
     strategy = ClientLevelDP(inner, target_epsilon=3.0, clip_norm=1.0, placement="distributed")
     with pytest.raises(RunHaltedError) as info:
         strategy.start(grid, initial_arrays(dim), num_rounds=1)
-    assert "returned no model" in info.value.result.failed_rounds[1]
+    assert reason in info.value.result.failed_rounds[1]
+    assert info.value.__cause__.revealed
     assert strategy.released == 1
 
 

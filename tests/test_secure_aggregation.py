@@ -484,8 +484,8 @@ def test_sum_settings_an_outer_layer_sends_are_checked() -> None:
 
 def test_a_dp_encoded_sum_is_not_released_by_secure_aggregation_itself() -> None:
     # A layer that asks for a DP encoding releases the sum (aggregate_sum, then step);
-    # SecureAggregation alone would divide it by the survivors' count: refused, and the
-    # round is marked revealed so that a DP layer would still charge it.
+    # SecureAggregation alone would divide it by the survivors' count: refused before
+    # anything is unmasked (nothing revealed, nothing to charge).
     from flwr.app import ConfigRecord
 
     from flower_privacy.dp.distributed import DistributedNoiseEncoding
@@ -496,7 +496,12 @@ def test_a_dp_encoded_sum_is_not_released_by_secure_aggregation_itself() -> None
     config = wire.SumSettings(fields).put(ConfigRecord())
     with pytest.raises(RunHaltedError, match="carries a DP encoding") as info:
         strategy.start(grid, _zeros(), num_rounds=1, train_config=config)
-    assert info.value.__cause__.revealed
+    assert not info.value.__cause__.revealed
+    assert not any(
+        e.message.content.config_records.get(wire.PREFIX + wire.UNMASK)
+        for e in grid.transcript
+        if e.direction == "to-node"
+    )
 
 
 def test_max_clients_below_the_group_size_is_refused_when_the_run_starts() -> None:
@@ -504,3 +509,66 @@ def test_max_clients_below_the_group_size_is_refused_when_the_run_starts() -> No
     strategy = SecureAggregation(_fedavg(6), max_weight=100, group_size=3, max_clients=2)
     with pytest.raises(ValueError, match="no whole group fits"):
         strategy.start(grid, _zeros(), num_rounds=1)
+
+
+class _NoModelFedAvg(FedAvg):
+    """An inner strategy whose own step yields no model."""
+
+    def aggregate_train(self, server_round, replies):  # noqa: ANN001, ANN201
+        super().aggregate_train(server_round, replies)
+        return None, None
+
+
+class _RaisingFedAvg(FedAvg):
+    """An inner strategy whose own step raises (a bug in the user's strategy)."""
+
+    def aggregate_train(self, server_round, replies):  # noqa: ANN001, ANN201
+        raise ValueError("inner step broke")
+
+
+def _weight_liar(msg: Message, context: Context, call_next) -> Message:  # noqa: ANN001
+    """A malicious client: one more unit in its masked weight slot (masks are additive)."""
+    masking = (
+        msg.content.config_records.get(wire.PREFIX + wire.MASKING) if msg.has_content() else None
+    )
+    reply = call_next(msg, context)  # the mod hands the app the message without its records
+    if context.node_id != min(NODE_IDS) or not reply.has_content():
+        return reply
+    if wire.UPLOAD in wire.stages_of(reply.content):
+        upload = wire.payload_of(reply.content, wire.UPLOAD)
+        assert masking is not None
+        bits = int(masking["word-bits"])
+        words = np.frombuffer(upload["masked"], dtype=f"<u{bits // 8}").copy()
+        words[-2] += words.dtype.type(1)  # the weight slot
+        wire.put(reply.content, wire.UPLOAD, {**upload, "masked": words.tobytes()})
+    return reply
+
+
+NODE_IDS = range(1001, 1007)
+
+
+@pytest.mark.parametrize("failure", ["no-model", "raises", "weight-lie"])
+def test_a_sum_the_server_saw_enters_the_participation_audit_even_if_the_round_fails(
+    failure: str,
+) -> None:
+    # Differencing works on every sum the server unmasked, including those of rounds that
+    # then failed: the groups' audit must count them, and the failure is a recorded,
+    # revealed round (never an exception out of the run).
+    inner_cls = {"no-model": _NoModelFedAvg, "raises": _RaisingFedAvg}.get(failure, FedAvg)
+    mods = [_weight_liar, secagg_mod] if failure == "weight-lie" else [secagg_mod]
+    grid = InProcessGrid(make_toy_client_app(dim=4, mods=mods), num_nodes=6)
+    assert sorted(grid.contexts) == list(NODE_IDS)
+    strategy = SecureAggregation(
+        inner_cls(min_available_nodes=6, min_train_nodes=6, fraction_evaluate=0.0),
+        weighting="uniform",  # the revealed weight must be the survivor count
+        group_size=3,
+        min_train_replies=3,
+        trust_inner_is_mean=True,
+    )
+    with pytest.raises(RunHaltedError) as info:
+        strategy.start(grid, initial_arrays(4), num_rounds=1)
+    assert info.value.__cause__.revealed
+    reason = info.value.result.failed_rounds[1]
+    expected = {"no-model": "returned no model", "raises": "inner step broke"}
+    assert expected.get(failure, "lied about its weight") in reason
+    assert strategy.plan is not None and strategy.plan.history == [set(NODE_IDS)]

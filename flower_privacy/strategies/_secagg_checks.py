@@ -23,7 +23,6 @@ from flwr.serverapp.strategy import (
 
 from flower_privacy.dp.distributed import ENCODING, DistributedNoiseEncoding
 from flower_privacy.errors import RoundFailedError
-from flower_privacy.secagg.multiround import GroupPlan
 from flower_privacy.secagg.protocol import RoundResult
 from flower_privacy.secagg.quantize import Quantizer
 from flower_privacy.wire import secagg as wire
@@ -161,20 +160,3 @@ def check_train_count(
             "could wrap (Poisson sampled more nodes than the run's derived maximum): set "
             "max_clients",
         )
-
-
-def check_participation(server_round: int, plan: GroupPlan, survivors: list[int]) -> int:
-    """Record the round's survivors; T, the fewest clients any combination isolates.
-
-    Fails the round when T fell below the group size (except for the unsafe baseline).
-    """
-    plan.record(survivors)
-    checked = plan.audit()
-    privacy_t = checked.exact if checked.exact is not None else checked.lower_bound
-    if plan.rule != "random" and privacy_t < plan.group_size:
-        raise RoundFailedError(
-            server_round,
-            f"the participation audit found T={privacy_t} < group_size={plan.group_size}: "
-            "refusing to go on",
-        )
-    return privacy_t

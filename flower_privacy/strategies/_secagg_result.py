@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator
-from contextlib import contextmanager
 from dataclasses import dataclass
 from logging import ERROR, INFO, WARNING
 
@@ -12,6 +10,7 @@ from flwr.app import Message
 from flwr.common import log
 
 from flower_privacy.errors import RoundFailedError
+from flower_privacy.secagg.multiround import GroupPlan
 from flower_privacy.secagg.protocol import RoundResult
 from flower_privacy.wire import secagg as wire
 
@@ -30,19 +29,6 @@ class SecureSum:
     weight: int
     metrics: dict[str, int]
     envelope: Message
-
-
-@contextmanager
-def revealed_on_failure(server_round: int) -> Iterator[None]:
-    """Whatever fails inside fails the round as revealed: the server has seen the sum.
-
-    An outer DP layer charges a revealed round (:class:`RoundFailedError`'s ``revealed``).
-    """
-    try:
-        yield
-    except Exception as err:  # noqa: BLE001 - whatever failed, the sum was seen
-        reason = err.reason if isinstance(err, RoundFailedError) else repr(err)
-        raise RoundFailedError(server_round, reason, revealed=True) from err
 
 
 def sum_metrics(result: RoundResult, excluded: list[int]) -> dict[str, int]:
@@ -83,3 +69,20 @@ def log_sum(server_round: int, result: RoundResult, clip_range: float) -> None:
         len(result.survivors),
         len(result.dropped),
     )
+
+
+def record_participation(server_round: int, plan: GroupPlan, survivors: list[int]) -> int:
+    """Record a revealed sum's survivors; T, the fewest clients any combination isolates.
+
+    Fails the round when T fell below the group size (except for the unsafe baseline).
+    """
+    plan.record(survivors)
+    checked = plan.audit()
+    privacy_t = checked.exact if checked.exact is not None else checked.lower_bound
+    if plan.rule != "random" and privacy_t < plan.group_size:
+        raise RoundFailedError(
+            server_round,
+            f"the participation audit found T={privacy_t} < group_size={plan.group_size}: "
+            "refusing to go on",
+        )
+    return privacy_t

@@ -33,7 +33,7 @@ from flower_privacy.dp.discrete_planning import DistributedPlan, plan_distribute
 from flower_privacy.dp.distributed import DistributedNoiseEncoding
 from flower_privacy.dp.ledger import PrivacyLedger
 from flower_privacy.dp.noise import secure_generator
-from flower_privacy.errors import RoundFailedError
+from flower_privacy.errors import RoundFailedError, revealed_on_failure
 from flower_privacy.strategies._dp_budget import (
     BETA,
     BudgetSettings,
@@ -382,9 +382,10 @@ class ClientLevelDP(InTheClear, StrictRounds):
                 log(WARNING, "round %d failed after unmasking: charged", server_round)
             raise
         self.ledger.charge()
-        assert self.expected_clients is not None
-        mean_delta = self._encoding.decode_sum(secure_sum.total, self.expected_clients)
-        arrays, inner_metrics = self.secure.step(server_round, secure_sum, mean_delta)
+        with revealed_on_failure(server_round):  # charged once; failures stay rounds
+            assert self.expected_clients is not None
+            mean_delta = self._encoding.decode_sum(secure_sum.total, self.expected_clients)
+            arrays, inner_metrics = self.secure.step(server_round, secure_sum, mean_delta)
         # Participation is public in the distributed placement (zero-out relation);
         # the clipped-value count is not released.
         public = {k: v for k, v in inner_metrics.items() if k in _PUBLIC_SECAGG_METRICS}

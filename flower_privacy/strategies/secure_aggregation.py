@@ -22,7 +22,7 @@ from flwr.serverapp.strategy import Strategy
 
 from flower_privacy._arrays import add_flat
 from flower_privacy.dp.distributed import DistributedNoiseEncoding
-from flower_privacy.errors import RoundFailedError
+from flower_privacy.errors import RoundFailedError, revealed_on_failure
 from flower_privacy.secagg import protocol
 from flower_privacy.secagg.multiround import GroupPlan
 from flower_privacy.secagg.quantize import Quantizer
@@ -32,7 +32,6 @@ from flower_privacy.strategies._secagg_checks import (
     check_arguments,
     check_inner,
     check_one_content,
-    check_participation,
     check_revealed_weight,
     check_sum_settings,
     check_train_count,
@@ -41,7 +40,7 @@ from flower_privacy.strategies._secagg_result import (
     SecureSum,
     log_security_events,
     log_sum,
-    revealed_on_failure,
+    record_participation,
     sum_metrics,
 )
 from flower_privacy.strategies._secagg_setup import (
@@ -328,13 +327,14 @@ class SecureAggregation(StrictRounds):
         self, server_round: int, replies: Iterable[Message]
     ) -> tuple[ArrayRecord | None, MetricRecord | None]:
         """Unmask the round's sum, divide it, and hand the mean to the inner strategy."""
+        if self._encodings[server_round] is not None:  # refused before anything is unmasked
+            raise RoundFailedError(
+                server_round,
+                "this round's sum carries a DP encoding: the layer that asked for it "
+                "releases it (aggregate_sum, then step)",
+            )
         secure_sum = self.aggregate_sum(server_round, replies)
         with revealed_on_failure(server_round):
-            if self._encodings[server_round] is not None:
-                raise RuntimeError(
-                    "this round's sum carries a DP encoding: the layer that asked for it "
-                    "releases it (aggregate_sum, then step)"
-                )
             denominator = self.uniform_denominator or secure_sum.weight
             mean_delta = self.quantizer.decode_sum(secure_sum.total, denominator)
             return self.step(server_round, secure_sum, mean_delta)
@@ -369,7 +369,7 @@ class SecureAggregation(StrictRounds):
         except protocol.ProtocolError as err:
             raise RoundFailedError(server_round, f"unmasking failed: {err}") from None
         with revealed_on_failure(server_round):
-            return self._revealed(server_round, result, excluded, by_node[result.survivors[0]])
+            return self._secure_sum(server_round, result, excluded, by_node[result.survivors[0]])
 
     def step(
         self, server_round: int, secure_sum: SecureSum, mean_delta: np.ndarray
@@ -400,7 +400,7 @@ class SecureAggregation(StrictRounds):
         """The ring's word width in a round: its encoding's (32 for distributed DP)."""
         return (self._encodings[server_round] or self.quantizer).word_bits
 
-    def _revealed(
+    def _secure_sum(
         self,
         server_round: int,
         result: protocol.RoundResult,
@@ -408,11 +408,11 @@ class SecureAggregation(StrictRounds):
         envelope: Message,
     ) -> SecureSum:
         log_security_events(server_round, result)
-        check_revealed_weight(server_round, result, self.weighting, self.quantizer.max_weight)
         metrics = sum_metrics(result, excluded)
-        if self.plan is not None:
-            metrics[wire.METRIC_PRIVACY_T] = check_participation(
+        if self.plan is not None:  # first: the server has seen this sum, valid or not
+            metrics[wire.METRIC_PRIVACY_T] = record_participation(
                 server_round, self.plan, result.survivors
             )
+        check_revealed_weight(server_round, result, self.weighting, self.quantizer.max_weight)
         log_sum(server_round, result, self.quantizer.clip_range)
         return SecureSum(result.total, result.weight, metrics, envelope)
