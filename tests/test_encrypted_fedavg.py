@@ -123,6 +123,11 @@ def test_contexts_and_inner_strategies_that_cannot_work_are_refused(keys) -> Non
         _strategy(server_ctx).start(
             InProcessGrid(_app(client_ctx), 3), initial_arrays(), evaluate_fn=lambda r, a: None
         )
+    # Under another layer too: the run's input and output pass down the stack.
+    with pytest.raises(ValueError, match="evaluate_fn is not possible"):
+        StrictRounds(_strategy(server_ctx)).start(
+            InProcessGrid(_app(client_ctx), 3), initial_arrays(), evaluate_fn=lambda r, a: None
+        )
 
 
 def test_more_nodes_than_max_clients_fail_the_round_before_anyone_encrypts(keys) -> None:

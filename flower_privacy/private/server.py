@@ -28,7 +28,7 @@ from flower_privacy.strategies import (
 )
 
 # The wrappers' parameters that come straight from the configuration: each is the
-# configuration's field of that name behind the mechanism's prefix (secagg_, he_).
+# configuration's field of that name, behind the prefix secagg_ or he_ (DP's have none).
 _SECAGG_FIELDS = ("clip_range", "max_weight", "max_clients")
 _DP_FIELDS = (
     "target_epsilon",
@@ -49,7 +49,7 @@ _HE_FIELDS = (
 )
 
 
-def _fields(config: PrivacyConfig, names: tuple[str, ...], prefix: str = "") -> dict[str, Any]:
+def _kwargs_of(config: PrivacyConfig, names: tuple[str, ...], prefix: str = "") -> dict[str, Any]:
     """``{name: config.<prefix><name>}``: the keyword arguments a wrapper takes from it."""
     return {name: getattr(config, prefix + name) for name in names}
 
@@ -105,13 +105,13 @@ def _secure(strategy: Strategy, config: PrivacyConfig) -> SecureAggregation:
         # Client-level DP: uniform weights (example counts are data) and noise
         # calibrated for the fewest survivors a round may have.
         options |= {"weighting": "uniform", "min_train_replies": config.min_clients}
-    return SecureAggregation(strategy, **_fields(config, _SECAGG_FIELDS, "secagg_"), **options)
+    return SecureAggregation(strategy, **_kwargs_of(config, _SECAGG_FIELDS, "secagg_"), **options)
 
 
 def _client_level_dp(strategy: Strategy, config: PrivacyConfig, placement: str) -> ClientLevelDP:
     return ClientLevelDP(
         strategy,
-        **_fields(config, _DP_FIELDS),
+        **_kwargs_of(config, _DP_FIELDS),
         placement=placement,
         # The secure sum enforces its own minimum; in the clear, Poisson rounds may
         # legitimately be small (the noise is calibrated for the expected count).
@@ -121,4 +121,4 @@ def _client_level_dp(strategy: Strategy, config: PrivacyConfig, placement: str) 
 
 def _encrypted(strategy: Strategy, config: PrivacyConfig) -> EncryptedFedAvg:
     assert config.he_server_context  # PrivacyConfig refuses he without it
-    return EncryptedFedAvg(strategy, **_fields(config, _HE_FIELDS, "he_"))
+    return EncryptedFedAvg(strategy, **_kwargs_of(config, _HE_FIELDS, "he_"))

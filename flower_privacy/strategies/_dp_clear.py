@@ -25,7 +25,7 @@ _CLIP_SLACK = 1e-3
 
 
 class InTheClear:
-    """The release steps of the placements in which the server sees updates."""
+    """The placements in which the server sees updates: sampling, checks and release."""
 
     def _configure_in_the_clear(
         self, server_round: int, arrays: ArrayRecord, messages: list[Message], grid: Grid

@@ -158,10 +158,9 @@ class ClientLevelDP(InTheClear, StrictRounds):
         )
         self.secure = strategy if isinstance(strategy, SecureAggregation) else None
         check_inner(strategy, self.secure, placement, adaptive_clipping, sampling_rate)
-        self.target_epsilon = target_epsilon
-        self.delta, self.initial_clip_norm = delta, clip_norm
+        self.initial_clip_norm = clip_norm
         self.count_noise_std, self.placement = count_noise_std, placement
-        self.sampling_rate, self.accountant, self.seed = sampling_rate, accountant, seed
+        self.sampling_rate, self.seed = sampling_rate, seed
         self.mechanism = mechanism
         self.budget = BudgetSettings(
             target_epsilon, noise_multiplier, delta, self.accounted_sampling_rate, accountant
@@ -214,12 +213,12 @@ class ClientLevelDP(InTheClear, StrictRounds):
 
     def stop_reason(self, server_round: int) -> str | None:
         """Stop cleanly once one more round would take ε past ``target_epsilon``."""
-        if self.target_epsilon is None:
+        if self.budget.target_epsilon is None:
             return None
         if self.placement == "distributed" and self.distributed_plan is None:
             return None  # round 1: calibrated for the target when it is configured
         assert self.ledger is not None
-        return budget_stop_reason(self.ledger, self.target_epsilon)
+        return budget_stop_reason(self.ledger, self.budget.target_epsilon)
 
     @property
     def released(self) -> int:
@@ -242,11 +241,11 @@ class ClientLevelDP(InTheClear, StrictRounds):
 
     def _plan_distributed(self, arrays: ArrayRecord) -> None:
         """Calibrate each client's integer noise share for the target, before round 1."""
-        assert self.secure is not None and self.target_epsilon is not None
+        assert self.secure is not None and self.budget.target_epsilon is not None
         plan = plan_distributed(
             self.mechanism,
-            self.target_epsilon,
-            self.delta,
+            self.budget.target_epsilon,
+            self.budget.delta,
             clip=self.clip_norm,
             dim=sum(int(np.prod(a.shape)) for a in arrays.values()),
             sampling_rate=self.accounted_sampling_rate,
@@ -293,11 +292,11 @@ class ClientLevelDP(InTheClear, StrictRounds):
             "adaptive" if self.adaptive else "fixed",
             self.initial_clip_norm,
             self.noise_multiplier,
-            self.delta,
+            self.budget.delta,
             f"Poisson q={self.sampling_rate}"
             if self.sampling_rate
             else "by the inner strategy (no amplification claimed)",
-            self.accountant,
+            self.budget.accountant,
         )
         if float(getattr(self.innermost, "fraction_evaluate", 0.0)) > 0:
             log(
@@ -351,7 +350,7 @@ class ClientLevelDP(InTheClear, StrictRounds):
         metrics.update(
             {
                 wire.METRIC_EPSILON: self.ledger.epsilon(self.released),
-                wire.METRIC_DELTA: self.delta,
+                wire.METRIC_DELTA: self.budget.delta,
                 wire.METRIC_NOISE_MULTIPLIER: self.noise_multiplier,
                 wire.METRIC_CLIP_NORM: self._clip_used,
             }
@@ -363,7 +362,7 @@ class ClientLevelDP(InTheClear, StrictRounds):
             "round %d: ε=%.4f at δ=%g after %d private round(s)",
             server_round,
             metrics[wire.METRIC_EPSILON],
-            self.delta,
+            self.budget.delta,
             self.released,
         )
         return arrays, metrics

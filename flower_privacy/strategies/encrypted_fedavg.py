@@ -24,6 +24,7 @@ from flwr.serverapp.strategy import FedAvg, FedProx, Strategy
 
 from flower_privacy import he
 from flower_privacy.errors import RoundFailedError
+from flower_privacy.strategies import _replies
 from flower_privacy.strategies.strict_rounds import StrictRounds
 from flower_privacy.wire import he as wire
 
@@ -170,7 +171,7 @@ class EncryptedFedAvg(StrictRounds):
         assert self.layout is not None, "start() sets the layout"
         replies = list(replies)
         sent_to = self._sent_to.get(server_round, [])
-        silent = self._log_silent_nodes(server_round, "training", sent_to, replies)
+        silent = _replies.log_silent_nodes(server_round, "training", sent_to, replies)
         usable: list[he.LoadedUpdate] = []
         problems: list[str] = []
         for reply in replies:
@@ -183,7 +184,7 @@ class EncryptedFedAvg(StrictRounds):
             except _UnusableReply as err:
                 problems.append(f"node {node}: {err}")
                 log(ERROR, "round %d: rejected reply of node %s: %s", server_round, node, err)
-        self._require_usable(
+        _replies.require_usable(
             server_round,
             len(usable),
             sent_to,

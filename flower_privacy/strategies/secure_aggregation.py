@@ -26,6 +26,7 @@ from flower_privacy.errors import RoundFailedError, revealed_on_failure
 from flower_privacy.secagg import protocol
 from flower_privacy.secagg.multiround import GroupPlan
 from flower_privacy.secagg.quantize import Quantizer
+from flower_privacy.strategies import _replies
 from flower_privacy.strategies._secagg_checks import (
     MEAN_STRATEGIES,
     WEIGHTINGS,
@@ -96,7 +97,8 @@ class SecureAggregation(StrictRounds):
         ``"weighted"`` (by the reply's ``num-examples``, capped) or ``"uniform"``.
     uniform_denominator : float | None
         In uniform mode, divide the sum by this fixed number instead of the number of
-        survivors (client-level DP needs a data-independent denominator).
+        survivors (a data-independent mean). Client-level DP refuses it: its release
+        step divides by its own expected count.
     trust_inner_is_mean : bool
         Accept an inner strategy not known to aggregate by weighted mean.
     consistency_check : bool
@@ -348,7 +350,7 @@ class SecureAggregation(StrictRounds):
         assert self._global is not None and self._exchanger is not None and self._setup
         length = sum(int(np.prod(a.shape)) for a in self._global.values())
         replies = list(replies)
-        self._log_silent_nodes(server_round, "training", self._sent_to[server_round], replies)
+        _replies.log_silent_nodes(server_round, "training", self._sent_to[server_round], replies)
         uploads = self._exchanger.payloads(server_round, wire.UPLOAD, replies)
         by_node = {r.metadata.src_node_id: r for r in replies}
         excluded = self._setup.accept_uploads(

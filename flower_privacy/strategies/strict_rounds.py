@@ -153,7 +153,7 @@ class StrictRounds(Strategy):
         minimum = self.min_train_replies if minimum is None else minimum
         replies = list(replies)
         sent_to = self._sent_to.get(server_round, [])
-        silent = self._log_silent_nodes(server_round, "training", sent_to, replies)
+        silent = _replies.log_silent_nodes(server_round, "training", sent_to, replies)
 
         usable: list[Message] = []
         problems: list[str] = []
@@ -170,13 +170,10 @@ class StrictRounds(Strategy):
                     reply.metadata.src_node_id,
                     problem,
                 )
-        self._require_usable(
+        _replies.require_usable(
             server_round, len(usable), sent_to, problems, silent, minimum, "training replies"
         )
         return usable
-
-    _require_usable = staticmethod(_replies.require_usable)
-    _log_silent_nodes = staticmethod(_replies.log_silent_nodes)
 
     def configure_evaluate(
         self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
@@ -191,7 +188,7 @@ class StrictRounds(Strategy):
     ) -> MetricRecord | None:
         """Delegate to the inner strategy, logging error replies by node."""
         replies = list(replies)
-        self._log_silent_nodes(
+        _replies.log_silent_nodes(
             server_round, "evaluation", self._evaluated_by.get(server_round, []), replies
         )
         for reply in replies:
@@ -269,11 +266,18 @@ class StrictRounds(Strategy):
         initial_arrays: ArrayRecord,
         evaluate_fn: Callable[[int, ArrayRecord], MetricRecord | None] | None,
     ) -> ArrayRecord:
-        """The model round 1 starts from (a wrapper may refuse ``evaluate_fn`` or encrypt)."""
+        """The model round 1 starts from (a layer may refuse ``evaluate_fn`` or encrypt).
+
+        Passed down the stack of layers, like :meth:`prepare_run`.
+        """
+        if isinstance(self.strategy, StrictRounds):
+            return self.strategy._run_input(initial_arrays, evaluate_fn)
         return initial_arrays
 
     def _run_output(self, arrays: ArrayRecord) -> None:
-        """Called with the final model when the run ends, halted or not."""
+        """Called with the final model when the run ends, halted or not (down the stack)."""
+        if isinstance(self.strategy, StrictRounds):
+            self.strategy._run_output(arrays)
 
     def prepare_run(self, grid: Grid, num_rounds: int) -> None:
         """Called by :meth:`start` before round 1; wrappers set up per-run state here."""
