@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 from flwr.app import Array, ArrayRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
+from flwr.serverapp.strategy import FedAvg
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 DIGITS_APP = REPO_ROOT / "apps" / "digits"
@@ -127,3 +128,18 @@ def pytest_collection_modifyitems(config, items):  # noqa: ANN001, ANN201
     """Fast tests first: Ray and deployment tests run last."""
     slow = {"ray", "deployment"}
     items.sort(key=lambda item: any(m.name in slow for m in item.iter_markers()))
+
+
+class NoModelFedAvg(FedAvg):
+    """An inner strategy whose own step yields no model (after the sum was released)."""
+
+    def aggregate_train(self, server_round, replies):  # noqa: ANN001, ANN201
+        super().aggregate_train(server_round, replies)
+        return None, None
+
+
+class RaisingFedAvg(FedAvg):
+    """An inner strategy whose own step raises (a bug in the user's strategy)."""
+
+    def aggregate_train(self, server_round, replies):  # noqa: ANN001, ANN201
+        raise ValueError("inner step broke")

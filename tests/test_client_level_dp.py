@@ -8,7 +8,7 @@ import math
 import dp_accounting
 import numpy as np
 import pytest
-from conftest import initial_arrays, make_toy_client_app
+from conftest import NoModelFedAvg, RaisingFedAvg, initial_arrays, make_toy_client_app
 from dp_accounting.rdp import RdpAccountant
 from flwr.app import Array, ArrayRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
@@ -371,24 +371,9 @@ def test_a_round_that_fails_after_unmasking_is_charged_and_the_sum_keys_stay_ser
     assert keys and not any(k.startswith(secagg_wire.SUM_PREFIX) for k in keys)
 
 
-class _NoModelFedAvg(FedAvg):
-    """An inner strategy whose own step yields no model (after the sum was released)."""
-
-    def aggregate_train(self, server_round, replies):  # noqa: ANN001, ANN201
-        super().aggregate_train(server_round, replies)
-        return None, None
-
-
-class _RaisingFedAvg(FedAvg):
-    """An inner strategy whose own step raises (a bug in the user's strategy)."""
-
-    def aggregate_train(self, server_round, replies):  # noqa: ANN001, ANN201
-        raise ValueError("inner step broke")
-
-
 @pytest.mark.parametrize(
     ("inner_cls", "reason"),
-    [(_NoModelFedAvg, "returned no model"), (_RaisingFedAvg, "inner step broke")],
+    [(NoModelFedAvg, "returned no model"), (RaisingFedAvg, "inner step broke")],
 )
 def test_a_round_whose_inner_step_fails_after_the_release_is_charged_and_recorded(
     inner_cls: type, reason: str

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-from conftest import initial_arrays, make_toy_client_app
+from conftest import NoModelFedAvg, RaisingFedAvg, initial_arrays, make_toy_client_app
 from conftest import stage_filter as _stage
 from flwr.app import Array, ArrayRecord, Context, Error, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
@@ -511,21 +511,6 @@ def test_max_clients_below_the_group_size_is_refused_when_the_run_starts() -> No
         strategy.start(grid, _zeros(), num_rounds=1)
 
 
-class _NoModelFedAvg(FedAvg):
-    """An inner strategy whose own step yields no model."""
-
-    def aggregate_train(self, server_round, replies):  # noqa: ANN001, ANN201
-        super().aggregate_train(server_round, replies)
-        return None, None
-
-
-class _RaisingFedAvg(FedAvg):
-    """An inner strategy whose own step raises (a bug in the user's strategy)."""
-
-    def aggregate_train(self, server_round, replies):  # noqa: ANN001, ANN201
-        raise ValueError("inner step broke")
-
-
 def _weight_liar(msg: Message, context: Context, call_next) -> Message:  # noqa: ANN001
     """A malicious client: one more unit in its masked weight slot (masks are additive)."""
     masking = (
@@ -554,7 +539,7 @@ def test_a_sum_the_server_saw_enters_the_participation_audit_even_if_the_round_f
     # Differencing works on every sum the server unmasked, including those of rounds that
     # then failed: the groups' audit must count them, and the failure is a recorded,
     # revealed round (never an exception out of the run).
-    inner_cls = {"no-model": _NoModelFedAvg, "raises": _RaisingFedAvg}.get(failure, FedAvg)
+    inner_cls = {"no-model": NoModelFedAvg, "raises": RaisingFedAvg}.get(failure, FedAvg)
     mods = [_weight_liar, secagg_mod] if failure == "weight-lie" else [secagg_mod]
     grid = InProcessGrid(make_toy_client_app(dim=4, mods=mods), num_nodes=6)
     assert sorted(grid.contexts) == list(NODE_IDS)
