@@ -27,7 +27,7 @@ from flower_privacy.secagg.views import (
     round_view,
     seal_key,
     self_seed_commitment,
-    share_commitment,
+    share_commitments,
     tag_message,
     view_digest,
 )
@@ -111,12 +111,13 @@ def client_prepare(
     sk_shares = shamir.split(mask_key, t, len(peers))
     b_shares = shamir.split(self_seed, t, len(peers))
     packages, commit_sk, commit_b = [], [], []
+    commit = share_commitments(nonce, rnd)
     for peer, sk_share, b_share in zip(peers, sk_shares, b_shares, strict=True):
         key = seal_key(state.lt_key, state.node_id, lt_keys[peer], peer, nonce)
         ad = package_ad(nonce, rnd, state.node_id, peer)
         packages.append(keys.seal(key, mask_public + sk_share + b_share, ad))
-        commit_sk.append(share_commitment(nonce, rnd, state.node_id, peer, "sk", sk_share))
-        commit_b.append(share_commitment(nonce, rnd, state.node_id, peer, "b", b_share))
+        commit_sk.append(commit(state.node_id, peer, "sk", sk_share))
+        commit_b.append(commit(state.node_id, peer, "b", b_share))
     # Older rounds can never be unmasked again (the server moved on): forget them.
     state.rounds = {r: s for r, s in state.rounds.items() if r >= rnd - 1}
     state.rounds[rnd] = RoundSecrets(
@@ -206,6 +207,7 @@ def client_mask(
     # Everything is checked before any state changes: a bad package refuses the round
     # cleanly (naming its owner), and the server may ask again without it.
     mask_keys, held, pairs = {}, {}, {}
+    commit = share_commitments(nonce, rnd)
     for owner, blob, c_sk, c_b, committed in zip(
         live, req.packages, req.commit_sk, req.commit_b, req.mask_keys, strict=True
     ):
@@ -217,8 +219,8 @@ def client_mask(
                 Refusal.BAD_SHARE, f"the share package of node {owner} failed authentication"
             ) from None
         mask_public, sk_share, b_share = _split_package(plain)
-        if share_commitment(nonce, rnd, owner, state.node_id, "sk", sk_share) != c_sk or (
-            share_commitment(nonce, rnd, owner, state.node_id, "b", b_share) != c_b
+        if commit(owner, state.node_id, "sk", sk_share) != c_sk or (
+            commit(owner, state.node_id, "b", b_share) != c_b
         ):
             raise RefusedError(
                 Refusal.BAD_SHARE, f"node {owner}'s shares do not match their commitments"

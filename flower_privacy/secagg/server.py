@@ -18,7 +18,7 @@ from flower_privacy.secagg.views import (
     advertise_message,
     pair_keys,
     self_seed_commitment,
-    share_commitment,
+    share_commitments,
 )
 
 _SELF = b"self-mask|"
@@ -368,6 +368,7 @@ class SecAggServer:
         b_shares: dict[int, list[bytes]] = {u: [] for u in survivors}
         sk_shares: dict[int, list[bytes]] = {u: [] for u in dropped}
         bad: set[int] = set()
+        commitment = share_commitments(self.nonce, rnd)
         for holder, raw in replies.items():
             try:
                 reply = m.UnmaskReply.parse(raw)
@@ -392,7 +393,7 @@ class SecAggServer:
                         else (state.prepares[owner].commit_sk)
                     )
                     commit = commits[index] if index >= 0 and owner in allowed else b""
-                    if commit != share_commitment(self.nonce, rnd, owner, holder, kind, share):
+                    if commit != commitment(owner, holder, kind, share):
                         bad.add(holder)  # a share that is not what its owner committed to
                         continue
                     target[owner].append(share)
