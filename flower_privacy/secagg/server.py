@@ -4,26 +4,20 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass, field
+from typing import TypeVar
 
 import numpy as np
 
-from flower_privacy.secagg import canonical, graph, keys, shamir, signing
+from flower_privacy.secagg import graph, keys, signing
 from flower_privacy.secagg import messages as m
 from flower_privacy.secagg._common import EXTRA_SLOTS, PROTOCOL, ProtocolError
-from flower_privacy.secagg._common import mask_sign as _sign
 from flower_privacy.secagg.floors import required_threshold
-from flower_privacy.secagg.prg import expand_mask
 from flower_privacy.secagg.quantize import word_dtype
-from flower_privacy.secagg.views import (
-    advertise_message,
-    pair_keys,
-    self_seed_commitment,
-    share_commitments,
-)
+from flower_privacy.secagg.server_unmask import ServerRound, checked_shares, unmasked_total
+from flower_privacy.secagg.views import advertise_message
 
-_SELF = b"self-mask|"
-_PAIR = b"pair-mask|"
 _DIGEST = 32
+R = TypeVar("R", m.PrepareReply, m.Upload)
 
 
 @dataclass
@@ -36,21 +30,6 @@ class RoundResult:
     survivors: list[int]
     dropped: list[int]
     bad_holders: list[int] = field(default_factory=list)  # revealed shares that failed
-
-
-@dataclass
-class _Round:
-    cohort: list[int]
-    degree: int
-    threshold: int
-    seed: bytes
-    neighbours: dict[int, list[int]]
-    prepares: dict[int, m.PrepareReply] = field(default_factory=dict)
-    prepared: list[int] = field(default_factory=list)
-    prepared_set: set[int] = field(default_factory=set)
-    uploads: dict[int, m.Upload] = field(default_factory=dict)
-    excluded: dict[int, m.Upload] = field(default_factory=dict)  # uploaded, left out of the sum
-    signatures: dict[int, bytes] = field(default_factory=dict)
 
 
 class SecAggServer:
@@ -88,7 +67,7 @@ class SecAggServer:
         self.nonce = os.urandom(16)
         self.lt_keys: dict[int, bytes] = {}
         self._signing: dict[int, tuple[bytes, bytes]] = {}  # node -> (signing key, binding)
-        self._rounds: dict[int, _Round] = {}
+        self._rounds: dict[int, ServerRound] = {}
 
     # -- long-term keys -------------------------------------------------------------
 
@@ -147,7 +126,7 @@ class SecAggServer:
                 f"max_colluders={self.max_colluders}: raise the degree or the cohort"
             )
         self._rounds = {r: s for r, s in self._rounds.items() if r >= rnd - 1}
-        self._rounds[rnd] = _Round(cohort, degree, t, seed, neighbours)
+        self._rounds[rnd] = ServerRound(cohort, degree, t, seed, neighbours)
         requests = {}
         for node in cohort:
             peers = neighbours[node]
@@ -187,12 +166,9 @@ class SecAggServer:
         peers = state.neighbours.get(node)
         if peers is None:
             return "not in the round's cohort"
-        try:
-            parsed = m.PrepareReply.parse(reply)
-        except m.MessageError as err:
-            return str(err)
-        if parsed.round != rnd:
-            return f"prepare reply for round {parsed.round}, expected {rnd}"
+        parsed = _round_reply(m.PrepareReply, reply, rnd)
+        if isinstance(parsed, str):
+            return parsed
         if list(parsed.to) != peers:
             return "shares not addressed to its round neighbours"
         if len(parsed.mask_key) != keys.PUBLIC_KEY_BYTES or len(parsed.seed_commitment) != _DIGEST:
@@ -253,14 +229,11 @@ class SecAggServer:
     ) -> str | None:
         """Keep a masked upload of ``length`` coordinates; return why it is unusable, or None."""
         state = self._rounds[rnd]
-        if node not in state.prepared:
+        if node not in state.prepared_set:
             return "not in the round's prepared cohort"
-        try:
-            upload = m.Upload.parse(reply)
-        except m.MessageError as err:
-            return str(err)
-        if upload.round != rnd:
-            return f"upload for round {upload.round}, expected {rnd}"
+        upload = _round_reply(m.Upload, reply, rnd)
+        if isinstance(upload, str):
+            return upload
         size = word_dtype(word_bits).itemsize * (length + EXTRA_SLOTS)
         if len(upload.masked) != size:
             return f"masked vector is not {size} bytes ({word_bits}-bit words)"
@@ -363,69 +336,12 @@ class SecAggServer:
         """Check every revealed share against its commitment, rebuild, sum and unmask."""
         state = self._rounds[rnd]
         survivors, dropped, _ = self._lists(rnd)
-        alive, gone = set(survivors), set(dropped)
-        holders = set(self._holders(rnd))
-        b_shares: dict[int, list[bytes]] = {u: [] for u in survivors}
-        sk_shares: dict[int, list[bytes]] = {u: [] for u in dropped}
-        bad: set[int] = set()
-        commitment = share_commitments(self.nonce, rnd)
-        for holder, raw in replies.items():
-            try:
-                reply = m.UnmaskReply.parse(raw)
-            except m.MessageError:
-                bad.add(holder)
-                continue
-            if holder not in holders or reply.round != rnd:
-                continue
-            peers = set(state.neighbours[holder])
-            for kind, owners, shares, target, allowed in (
-                ("b", reply.b_of, reply.b_shares, b_shares, alive),
-                ("sk", reply.sk_of, reply.sk_shares, sk_shares, gone),
-            ):
-                if len(owners) != len(shares):
-                    bad.add(holder)
-                    continue
-                for owner, share in zip(owners, shares, strict=True):
-                    index = state.neighbours[owner].index(holder) if owner in peers else -1
-                    commits = (
-                        state.prepares[owner].commit_b
-                        if kind == "b"
-                        else (state.prepares[owner].commit_sk)
-                    )
-                    commit = commits[index] if index >= 0 and owner in allowed else b""
-                    if commit != commitment(owner, holder, kind, share):
-                        bad.add(holder)  # a share that is not what its owner committed to
-                        continue
-                    target[owner].append(share)
-        words = word_dtype(word_bits)
-        total = np.zeros(length + EXTRA_SLOTS, dtype=words)
-        for node in survivors:
-            total += np.frombuffer(state.uploads[node].masked, dtype=words)
-        self_context = _SELF + canonical.encode([self.nonce, rnd])
-        for node in survivors:
-            seed = self._rebuild(node, b_shares[node], state.threshold, "self-mask seed")
-            if (
-                self_seed_commitment(self.nonce, rnd, node, seed)
-                != state.prepares[node].seed_commitment
-            ):
-                raise ProtocolError(f"node {node} shared a self-mask seed it did not commit to")
-            total -= expand_mask(seed, self_context, total.size, word_bits)
-        for node in dropped:
-            live = [v for v in state.neighbours[node] if v in alive]
-            if not live:
-                continue  # no survivor masked with it
-            mask_key = self._rebuild(node, sk_shares[node], state.threshold, "round key")
-            if keys.public_key(mask_key) != state.prepares[node].mask_key:
-                raise ProtocolError(f"node {node} shared a round key it did not commit to")
-            for peer in live:
-                peer_key = state.prepares[peer].mask_key
-                pair = pair_keys(mask_key, node, peer_key, peer, self.nonce, rnd)
-                view = state.uploads[peer].view
-                mask = expand_mask(pair.mask_seed(view), _PAIR, total.size, word_bits)
-                if _sign(peer, node) > 0:  # the survivor added it: take it away
-                    total -= mask
-                else:
-                    total += mask
+        b_shares, sk_shares, bad = checked_shares(
+            state, self.nonce, rnd, replies, set(self._holders(rnd)), survivors, dropped
+        )
+        total = unmasked_total(
+            state, self.nonce, rnd, b_shares, sk_shares, length + EXTRA_SLOTS, word_bits
+        )
         return RoundResult(
             total=total[:length],
             weight=int(total[length]),
@@ -435,16 +351,13 @@ class SecAggServer:
             bad_holders=sorted(bad),
         )
 
-    @staticmethod
-    def _rebuild(owner: int, shares: list[bytes], t: int, what: str) -> bytes:
-        if len(shares) < t:
-            raise ProtocolError(
-                f"only {len(shares)} valid shares of node {owner}'s {what}, {t} needed: too "
-                "many holders dropped or refused during unmasking"
-            )
-        try:
-            return shamir.combine(shares, t)
-        except shamir.ShareError as err:
-            raise ProtocolError(
-                f"shares of node {owner}'s {what} are inconsistent: {err}"
-            ) from None
+
+def _round_reply(cls: type[R], reply: dict, rnd: int) -> R | str:
+    """``reply`` parsed as ``cls`` for round ``rnd``, or why it is not."""
+    try:
+        parsed = cls.parse(reply)
+    except m.MessageError as err:
+        return str(err)
+    if parsed.round != rnd:
+        return f"{cls.KIND} for round {parsed.round}, expected {rnd}"
+    return parsed  # type: ignore[return-value]
