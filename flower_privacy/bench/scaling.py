@@ -40,8 +40,17 @@ def _floors(n: int, floors: str, dropout: float) -> tuple[int, int]:
     return degree, int(COLLUDER_FRACTION * degree) + 1
 
 
-def one_round(n: int, floors: str, params: int = 100_000, dropout: float = 0.1) -> dict:
-    """One round of ``n`` clients; the row of ``scaling`` (the mean is checked)."""
+def one_round(
+    n: int,
+    floors: str,
+    params: int = 100_000,
+    dropout: float = 0.1,
+    log: Callable[[str], None] = lambda line: None,
+) -> dict:
+    """One round of ``n`` clients; the row of ``scaling`` (the mean is checked).
+
+    ``log`` hears the end of each stage (a 10,000-client round takes minutes a stage).
+    """
     degree, colluders = _floors(n, floors, dropout)
     quantizer = Quantizer(clip_range=1.0, max_weight=1, max_clients=n)
     ids = list(range(1, n + 1))
@@ -81,6 +90,8 @@ def one_round(n: int, floors: str, params: int = 100_000, dropout: float = 0.1) 
         server_s += spent
     train, spent = timed(server.train_requests, 1)
     server_s += spent
+    stage = "prepared; server {:.1f} s ({:.1f} s CPU), clients {:.1f} s in all"
+    log(stage.format(server_s, server_cpu, client_s))
     dropped = set(ids[: int(dropout * n)])
     upload: dict = {}
     for node, request in train.items():
@@ -94,6 +105,7 @@ def one_round(n: int, floors: str, params: int = 100_000, dropout: float = 0.1) 
             server_s += spent
     unmask, spent = timed(server.unmask_requests, 1)
     server_s += spent
+    log(stage.replace("prepared", "masked and uploaded").format(server_s, server_cpu, client_s))
     replies = {}
     for node, request in unmask.items():
         replies[node], spent = client(proto.client_unmask, node, request, None, None, colluders)
@@ -129,7 +141,7 @@ def run(
     for n in sizes:
         for floors in ("hbc", "malicious"):
             log(f"scaling: {n} clients, {floors} floors ...")
-            rows.append(one_round(n, floors, params))
+            rows.append(one_round(n, floors, params, log=log))
     return rows
 
 
