@@ -26,13 +26,16 @@ def _is_int(value: object) -> bool:
 
 
 def _is_int_list(value: object) -> bool:
-    return isinstance(value, list) and all(
-        isinstance(v, int) and not isinstance(v, bool) for v in value
-    )
+    if not isinstance(value, list):
+        return False
+    # Exact types first (one pass in C); subclasses then take the slow path.
+    return set(map(type, value)) <= {int} or all(_is_int(v) for v in value)
 
 
 def _is_bytes_list(value: object) -> bool:
-    return isinstance(value, list) and all(isinstance(v, bytes) for v in value)
+    if not isinstance(value, list):
+        return False
+    return set(map(type, value)) <= {bytes} or all(isinstance(v, bytes) for v in value)
 
 
 _CHECKS: dict[str, Callable[[object], bool]] = {
@@ -56,7 +59,7 @@ class Msg:
     KIND: ClassVar[str] = "message"
 
     def to_dict(self) -> dict:
-        return {_key(f.name): getattr(self, f.name) for f in fields(self)}
+        return {key: getattr(self, f.name) for key, (f, _) in _wire_fields(type(self)).items()}
 
     @classmethod
     def parse(cls, data: dict) -> Msg:

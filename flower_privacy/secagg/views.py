@@ -76,10 +76,18 @@ def pair_keys(
     mask_key: bytes, own: int, peer_mask_key: bytes, peer: int, nonce: bytes, rnd: int
 ) -> RoundPair:
     """Per-round pairwise secrets of ``own`` and ``peer`` (symmetric in the two)."""
-    material = keys.pair_material(
-        mask_key, own, peer_mask_key, peer, canonical.encode(["round", PROTOCOL, nonce, rnd])
-    )
-    return RoundPair(mac_key=material[:32], seed_base=material[32:])
+    return round_pairs(mask_key, own, [(peer_mask_key, peer)], nonce, rnd)[0]
+
+
+def round_pairs(
+    mask_key: bytes, own: int, peers: list[tuple[bytes, int]], nonce: bytes, rnd: int
+) -> list[RoundPair]:
+    """:func:`pair_keys` of ``own`` with each ``(round public key, id)`` of ``peers``."""
+    context = canonical.encode(["round", PROTOCOL, nonce, rnd])
+    return [
+        RoundPair(mac_key=material[:32], seed_base=material[32:])
+        for material in keys.pair_materials(mask_key, own, peers, context)
+    ]
 
 
 def tag_message(sender: int, receiver: int, view: bytes) -> bytes:
