@@ -202,19 +202,25 @@ class SecAggServer:
                 break
             prepared -= thin
         state.prepared, state.prepared_set = sorted(prepared), prepared
-        requests = {}
-        for holder in state.prepared:
-            owners = [u for u in state.neighbours[holder] if u in prepared]
-            packages, commit_sk, commit_b, mask_keys = [], [], [], []
-            for owner in owners:
-                reply = state.prepares[owner]
-                index = state.neighbours[owner].index(holder)
-                packages.append(reply.packages[index])
-                commit_sk.append(reply.commit_sk[index])
-                commit_b.append(reply.commit_b[index])
-                mask_keys.append(reply.mask_key)
-            requests[holder] = m.TrainRequest(
-                **self._head(rnd),
+        # Owner by owner, each reply read once in the order it was addressed (holder by
+        # holder, looking each holder up in its owners' lists, took 3x as long at 10,000).
+        # Owners ascend and neighbour lists are sorted: each holder's lists follow its own.
+        held: dict[int, tuple[list, list, list, list, list]] = {
+            holder: ([], [], [], [], []) for holder in state.prepared
+        }
+        for owner in state.prepared:
+            reply = state.prepares[owner]
+            for index, holder in enumerate(state.neighbours[owner]):
+                if (lists := held.get(holder)) is not None:
+                    lists[0].append(owner)
+                    lists[1].append(reply.packages[index])
+                    lists[2].append(reply.commit_sk[index])
+                    lists[3].append(reply.commit_b[index])
+                    lists[4].append(reply.mask_key)
+        head = self._head(rnd)
+        return {
+            holder: m.TrainRequest(
+                **head,
                 prepared=state.prepared,
                 from_=owners,
                 packages=packages,
@@ -222,7 +228,8 @@ class SecAggServer:
                 commit_b=commit_b,
                 mask_keys=mask_keys,
             ).to_dict()
-        return requests
+            for holder, (owners, packages, commit_sk, commit_b, mask_keys) in held.items()
+        }
 
     def accept_upload(
         self, rnd: int, node: int, reply: dict, length: int, word_bits: int = 32
@@ -297,30 +304,33 @@ class SecAggServer:
         """Per survivor: the lists, its live neighbours' view tags and (option) signatures."""
         state = self._rounds[rnd]
         survivors, dropped, excluded = self._lists(rnd)
-        alive = set(survivors)
         signed = sorted(state.signatures)
-        requests = {}
         # With the consistency check only signers are asked: the others refuse anyway.
         holders = self._holders(rnd)
         if self.consistency:
             holders = [n for n in holders if n in state.signatures]
-        for holder in holders:
-            live = [u for u in state.neighbours[holder] if u in alive]
-            tags = []
-            for sender in live:
-                upload = state.uploads[sender]
-                tags.append(upload.tags[list(upload.tags_to).index(holder)])
-            signatures = {}
-            if self.consistency:
-                signatures = {
-                    "signers": signed,
-                    "signatures": [state.signatures[n] for n in signed],
-                    "signer_keys": [self._signing[n][0] for n in signed],
-                    "signer_lt_keys": [self.lt_keys[n] for n in signed],
-                    "signer_bindings": [self._signing[n][1] for n in signed],
-                }
-            requests[holder] = m.UnmaskRequest(
-                **self._head(rnd),
+        # Sender by sender (ascending, as each holder's sorted neighbours): every tag read
+        # once where it was addressed. A survivor tagged all its prepared neighbours.
+        tagged: dict[int, tuple[list[int], list[bytes]]] = {h: ([], []) for h in holders}
+        for sender in survivors:
+            upload = state.uploads[sender]
+            for holder, tag in zip(upload.tags_to, upload.tags, strict=True):
+                if (lists := tagged.get(holder)) is not None:
+                    lists[0].append(sender)
+                    lists[1].append(tag)
+        signatures = {}
+        if self.consistency:  # the same for every holder: built once
+            signatures = {
+                "signers": signed,
+                "signatures": [state.signatures[n] for n in signed],
+                "signer_keys": [self._signing[n][0] for n in signed],
+                "signer_lt_keys": [self.lt_keys[n] for n in signed],
+                "signer_bindings": [self._signing[n][1] for n in signed],
+            }
+        head = self._head(rnd)
+        return {
+            holder: m.UnmaskRequest(
+                **head,
                 survivors=survivors,
                 dropped=dropped,
                 excluded=excluded,
@@ -328,7 +338,8 @@ class SecAggServer:
                 tags=tags,
                 **signatures,
             ).to_dict()
-        return requests
+            for holder, (live, tags) in tagged.items()
+        }
 
     def unmask(
         self, rnd: int, replies: dict[int, dict], length: int, word_bits: int = 32
