@@ -133,3 +133,4 @@ def test_the_scaling_bench_runs_both_floors_and_checks_its_mean() -> None:
     for row in rows:
         assert row["bytes_per_param"] == pytest.approx(4.0, abs=0.01)
         assert row["server_s"] > 0 and row["client_s"] > 0 and row["setup_bytes_per_node"] > 0
+        assert 0 < row["server_cpu_s"]

@@ -187,6 +187,41 @@ def test_canonical_encoding_separates_types_shapes_and_orders() -> None:
     assert canonical.encode(big) == canonical.encode(big.astype("<i4"))
 
 
+def test_canonical_fast_paths_and_prefix_digests_give_the_same_bytes() -> None:
+    import enum
+    import struct
+
+    import numpy as np
+
+    from flower_privacy.secagg import canonical, views
+    from flower_privacy.secagg._common import PROTOCOL
+
+    def item(tag: bytes, body: bytes) -> bytes:
+        return tag + struct.pack("<Q", len(body)) + body
+
+    class Small(enum.IntEnum):
+        FIVE = 5
+
+    # The exact-type fast paths write what the general branches write.
+    assert canonical.encode(5) == item(b"i", b"5") == canonical.encode(np.int64(5))
+    assert canonical.encode(Small.FIVE) == item(b"i", b"5")
+    assert canonical.encode(b"ab") == item(b"b", b"ab") == canonical.encode(bytearray(b"ab"))
+    assert canonical.encode("\u00e9") == item(b"s", "\u00e9".encode())
+    assert canonical.encode([1, b"x"]) == b"l" + struct.pack("<Q", 2) + item(b"i", b"1") + item(
+        b"b", b"x"
+    )
+    # A shared head hashed once gives the digest of the whole list.
+    head = canonical.PrefixDigest("d", [1, "two", b"3"], tail_items=2)
+    assert head.digest(4, b"5") == canonical.digest("d", [1, "two", b"3", 4, b"5"])
+    assert head.digest(4, b"6") != head.digest(4, b"5")
+    with pytest.raises(ValueError):
+        head.digest(4)
+    nonce, share = os.urandom(16), os.urandom(68)
+    expected = canonical.digest("share-commitment", [PROTOCOL, nonce, 3, 7, 9, "b", share])
+    assert views.share_commitment(nonce, 3, 7, 9, "b", share) == expected
+    assert views.share_commitments(nonce, 3)(7, 9, "b", share) == expected
+
+
 def test_sealed_shares_reject_tampering_and_wrong_context() -> None:
     key = os.urandom(32)
     sealed = keys.seal(key, b"share", b"ad")

@@ -20,7 +20,18 @@ _LEN = struct.Struct("<Q")
 
 
 def _write(value: object, out: Callable[[bytes | memoryview], object]) -> None:
-    if value is None:
+    kind = type(value)
+    # Exact int, bytes and str first (most of what is hashed): the same bytes as below.
+    if kind is int:
+        body = str(value).encode()
+        out(b"i" + _LEN.pack(len(body)) + body)
+    elif kind is bytes:
+        out(b"b" + _LEN.pack(len(value)))  # type: ignore[arg-type]
+        out(value)  # type: ignore[arg-type]  # apart: a large value is not copied
+    elif kind is str:
+        body = value.encode("utf-8")  # type: ignore[attr-defined]
+        out(b"s" + _LEN.pack(len(body)) + body)
+    elif value is None:
         out(b"N")
     elif isinstance(value, bool | np.bool_):
         out(b"T" if value else b"F")
@@ -71,3 +82,27 @@ def digest(domain: str, value: object) -> bytes:
     _write(domain, hasher.update)
     _write(value, hasher.update)
     return hasher.digest()
+
+
+class PrefixDigest:
+    """:func:`digest` of ``domain`` and ``head + tail`` for many tails: the head hashed once.
+
+    A list's encoding is its item count, then its items in order, so hashing the common
+    head once and copying the hash state gives the same digest as hashing each list whole.
+    """
+
+    def __init__(self, domain: str, head: Sequence, tail_items: int) -> None:
+        self._hasher = hashlib.sha256()
+        _write(domain, self._hasher.update)
+        self._hasher.update(b"l" + _LEN.pack(len(head) + tail_items))
+        for item in head:
+            _write(item, self._hasher.update)
+        self._tail_items = tail_items
+
+    def digest(self, *tail: object) -> bytes:
+        if len(tail) != self._tail_items:
+            raise ValueError(f"expected {self._tail_items} tail items, got {len(tail)}")
+        hasher = self._hasher.copy()
+        for item in tail:
+            _write(item, hasher.update)
+        return hasher.digest()

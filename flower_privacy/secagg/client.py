@@ -1,13 +1,12 @@
 """Client half of the secure aggregation protocol (see :mod:`.protocol`).
 
-Every check an honest node makes before it reveals anything is here; each failed
-check raises :class:`RefusedError` with a structured code.
+Every check an honest node makes before it reveals anything is here or in
+:mod:`.client_checks`; each failed check raises :class:`RefusedError` with a structured code.
 """
 
 from __future__ import annotations
 
 import os
-from typing import TypeVar
 
 import numpy as np
 
@@ -15,6 +14,15 @@ from flower_privacy.secagg import canonical, graph, groups, keys, shamir, signin
 from flower_privacy.secagg import messages as m
 from flower_privacy.secagg._common import Refusal, RefusedError, UnmaskRule
 from flower_privacy.secagg._common import mask_sign as _sign
+from flower_privacy.secagg.client_checks import (
+    check_run,
+    check_signed_keys,
+    checked_groups,
+    checked_lists,
+    parse_request,
+    round_of,
+    split_package,
+)
 from flower_privacy.secagg.consistency import check_signatures
 from flower_privacy.secagg.floors import ClientFloors
 from flower_privacy.secagg.prg import expand_mask
@@ -27,12 +35,11 @@ from flower_privacy.secagg.views import (
     round_view,
     seal_key,
     self_seed_commitment,
-    share_commitment,
+    share_commitments,
     tag_message,
     view_digest,
 )
 
-M = TypeVar("M")
 _SELF = b"self-mask|"
 _PAIR = b"pair-mask|"
 
@@ -44,7 +51,7 @@ def client_advertise(state: ClientState, request: dict, identity: Identity | Non
     refused: packages sealed in an old run can never be opened again, so an old run
     cannot be replayed to make holders reveal a second secret of one owner.
     """
-    nonce = _parse(m.AdvertiseRequest, request).nonce
+    nonce = parse_request(m.AdvertiseRequest, request).nonce
     if nonce != state.nonce:
         if nonce in state.old_nonces:
             raise RefusedError(Refusal.REPLAY, "this protocol run ended: its nonce is not reused")
@@ -72,8 +79,8 @@ def client_prepare(
     identity: Identity | None = None,
 ) -> dict:
     """Make this round's secrets and share them, sealed, among the round neighbours."""
-    req = _parse(m.PrepareRequest, request)
-    rnd, nonce = _check_run(state, req)
+    req = parse_request(m.PrepareRequest, request)
+    rnd, nonce = check_run(state, req)
     if rnd <= state.last_prepared:
         raise RefusedError(Refusal.REPLAY, f"round {rnd} is not after round {state.last_prepared}")
     cohort = list(req.cohort)
@@ -102,8 +109,8 @@ def client_prepare(
         raise RefusedError(Refusal.BAD_REQUEST, "long-term keys are not those of the neighbours")
     lt_keys = dict(zip(peers, req.keys, strict=True))
     if identity is not None:
-        _check_signed_keys(state, req, peers, lt_keys, identity)
-    round_groups = _checked_groups(state, req, cohort, floors)
+        check_signed_keys(state, req, peers, lt_keys, identity)
+    round_groups = checked_groups(state, req, cohort, floors)
     min_survivors = max(floors.min_survivors, req.min_survivors)
 
     mask_key, self_seed = keys.generate_private_key(), os.urandom(32)
@@ -111,12 +118,13 @@ def client_prepare(
     sk_shares = shamir.split(mask_key, t, len(peers))
     b_shares = shamir.split(self_seed, t, len(peers))
     packages, commit_sk, commit_b = [], [], []
+    commit = share_commitments(nonce, rnd)
     for peer, sk_share, b_share in zip(peers, sk_shares, b_shares, strict=True):
         key = seal_key(state.lt_key, state.node_id, lt_keys[peer], peer, nonce)
         ad = package_ad(nonce, rnd, state.node_id, peer)
         packages.append(keys.seal(key, mask_public + sk_share + b_share, ad))
-        commit_sk.append(share_commitment(nonce, rnd, state.node_id, peer, "sk", sk_share))
-        commit_b.append(share_commitment(nonce, rnd, state.node_id, peer, "b", b_share))
+        commit_sk.append(commit(state.node_id, peer, "sk", sk_share))
+        commit_b.append(commit(state.node_id, peer, "b", b_share))
     # Older rounds can never be unmasked again (the server moved on): forget them.
     state.rounds = {r: s for r, s in state.rounds.items() if r >= rnd - 1}
     state.rounds[rnd] = RoundSecrets(
@@ -161,9 +169,9 @@ def client_mask(
     and the node's run config: it enters every pairwise mask and the view tags. A node
     with a noise floor refuses an encoder whose promised noise is below it.
     """
-    req = _parse(m.TrainRequest, request)
-    rnd, nonce = _check_run(state, req)
-    secrets = _round(state, rnd)
+    req = parse_request(m.TrainRequest, request)
+    rnd, nonce = check_run(state, req)
+    secrets = round_of(state, rnd)
     if secrets.uploaded or secrets.prepared:
         raise RefusedError(Refusal.REPLAY, f"round {rnd} was already trained")
     prepared = list(req.prepared)
@@ -206,6 +214,7 @@ def client_mask(
     # Everything is checked before any state changes: a bad package refuses the round
     # cleanly (naming its owner), and the server may ask again without it.
     mask_keys, held, pairs = {}, {}, {}
+    commit = share_commitments(nonce, rnd)
     for owner, blob, c_sk, c_b, committed in zip(
         live, req.packages, req.commit_sk, req.commit_b, req.mask_keys, strict=True
     ):
@@ -216,9 +225,9 @@ def client_mask(
             raise RefusedError(
                 Refusal.BAD_SHARE, f"the share package of node {owner} failed authentication"
             ) from None
-        mask_public, sk_share, b_share = _split_package(plain)
-        if share_commitment(nonce, rnd, owner, state.node_id, "sk", sk_share) != c_sk or (
-            share_commitment(nonce, rnd, owner, state.node_id, "b", b_share) != c_b
+        mask_public, sk_share, b_share = split_package(plain)
+        if commit(owner, state.node_id, "sk", sk_share) != c_sk or (
+            commit(owner, state.node_id, "b", b_share) != c_b
         ):
             raise RefusedError(
                 Refusal.BAD_SHARE, f"node {owner}'s shares do not match their commitments"
@@ -270,8 +279,8 @@ def client_mask(
 
 def client_sign(state: ClientState, request: dict, identity: Identity) -> dict:
     """Consistency check: sign the one round view this node was shown, once per round."""
-    req = _parse(m.UnmaskRequest, request)
-    secrets, survivors, dropped = _checked_lists(state, req)
+    req = parse_request(m.UnmaskRequest, request)
+    secrets, survivors, dropped = checked_lists(state, req)
     if secrets.signed:
         raise RefusedError(Refusal.REPLAY, f"round {secrets.round}'s view was already signed")
     secrets.signed = round_view(state.nonce, secrets, survivors, dropped, list(req.excluded))
@@ -287,8 +296,8 @@ def client_unmask(
     max_colluders: int = 0,
 ) -> dict:
     """Check the server's request; reveal one share per neighbour and never both secrets."""
-    req = _parse(m.UnmaskRequest, request)
-    secrets, survivors, dropped = _checked_lists(state, req)
+    req = parse_request(m.UnmaskRequest, request)
+    secrets, survivors, dropped = checked_lists(state, req)
     if rule is not None and (why := rule(survivors, dropped, secrets.prepared)) is not None:
         raise RefusedError(Refusal.GROUPS, f"unmask rule: {why}")
     live = secrets.live_neighbours(survivors)
@@ -324,136 +333,3 @@ def client_unmask(
     secrets.answered = True
     secrets.forget_secrets()
     return reply.to_dict()
-
-
-# -- checks ---------------------------------------------------------------------------
-
-
-def _checked_lists(
-    state: ClientState, req: m.UnmaskRequest
-) -> tuple[RoundSecrets, list[int], list[int]]:
-    """The survivor and dropped lists of a request, after every check a node makes.
-
-    Survivors are summed; dropped nodes are not (``excluded`` ones among them uploaded
-    but were left out, e.g. for an incomplete group: alive, they still hold shares).
-    """
-    rnd, _ = _check_run(state, req)
-    secrets = _round(state, rnd)
-    if not secrets.uploaded:
-        raise RefusedError(Refusal.REPLAY, f"this node uploaded nothing in round {rnd}")
-    if secrets.answered:
-        raise RefusedError(Refusal.REPLAY, f"round {rnd} was already unmasked")
-    survivors, dropped, excluded = list(req.survivors), list(req.dropped), list(req.excluded)
-    both = sorted(set(survivors) & set(dropped))
-    if both:
-        raise RefusedError(Refusal.BAD_REQUEST, f"nodes {both} are both survivor and dropped")
-    if sorted(survivors + dropped) != secrets.prepared or not set(excluded) <= set(dropped):
-        raise RefusedError(Refusal.BAD_REQUEST, "survivors and dropped are not the round's cohort")
-    if state.node_id not in survivors and state.node_id not in excluded:
-        raise RefusedError(
-            Refusal.BAD_REQUEST, "this node uploaded but is neither summed nor excluded"
-        )
-    if len(survivors) < secrets.min_survivors:
-        raise RefusedError(
-            Refusal.BELOW_FLOOR,
-            f"{len(survivors)} survivors, the round promised at least {secrets.min_survivors}",
-        )
-    broken = groups.incomplete_groups(secrets.groups, survivors)
-    if broken:
-        raise RefusedError(Refusal.GROUPS, f"groups {broken} are incomplete among the survivors")
-    live = secrets.live_neighbours(survivors + excluded)
-    if state.node_id in survivors and len(live) < secrets.threshold:
-        raise RefusedError(
-            Refusal.BELOW_FLOOR,
-            f"only {len(live)} live neighbours, fewer than the threshold {secrets.threshold}",
-        )
-    return secrets, survivors, dropped
-
-
-def _checked_groups(
-    state: ClientState, req: m.PrepareRequest, cohort: list[int], floors: ClientFloors
-) -> list[list[int]]:
-    """The round's groups, recomputed from the run's seed; the cohort must be whole groups."""
-    if not req.group_size:
-        if state.generations or floors.min_group_size:
-            raise RefusedError(Refusal.GROUPS, "groups are required in this run, none were sent")
-        return []
-    size, seed = req.group_size, req.group_seed
-    if size < max(2, floors.min_group_size):
-        raise RefusedError(
-            Refusal.BELOW_FLOOR,
-            f"group size {size}, this node needs {max(2, floors.min_group_size)}",
-        )
-    try:
-        generations = groups.unflatten(list(req.generation_nodes), list(req.generation_sizes))
-        round_groups = groups.groups_from_generations(generations, size, seed)
-    except ValueError as err:
-        raise RefusedError(Refusal.GROUPS, f"the groups are not a partition: {err}") from None
-    if (state.group_seed and seed != state.group_seed) or (
-        generations[: len(state.generations)] != state.generations
-    ):
-        # Regrouping could let rounds be differenced down to fewer than T nodes.
-        raise RefusedError(
-            Refusal.GROUPS, "the server regrouped nodes: groups formed earlier changed"
-        )
-    if state.group_size and size != state.group_size:
-        raise RefusedError(Refusal.GROUPS, "the group size changed during the run")
-    if not groups.is_union_of_groups(round_groups, cohort):
-        raise RefusedError(Refusal.GROUPS, "the cohort is not a union of whole groups")
-    state.generations, state.group_seed, state.group_size = generations, seed, size
-    return round_groups
-
-
-def _check_signed_keys(
-    state: ClientState,
-    req: m.PrepareRequest,
-    peers: list[int],
-    lt_keys: dict[int, bytes],
-    identity: Identity,
-) -> None:
-    nonce, signers, signatures = req.nonce, list(req.signing_keys), list(req.signatures)
-    if len(signers) != len(peers) or len(signatures) != len(peers):
-        raise RefusedError(Refusal.UNSIGNED, "the server sent keys without their signatures")
-    if len(set(signers)) != len(signers):
-        raise RefusedError(Refusal.UNSIGNED, "one signing key stands for several nodes")
-    for node, signer, signature in zip(peers, signers, signatures, strict=True):
-        if signer not in identity.trusted:
-            raise RefusedError(Refusal.UNSIGNED, f"node {node}'s signing key is not in the roster")
-        if state.signers.get(node, signer) != signer:
-            raise RefusedError(Refusal.UNSIGNED, f"node {node}'s signing key changed")
-        if not signing.verify(signer, signature, advertise_message(nonce, node, lt_keys[node])):
-            raise RefusedError(Refusal.UNSIGNED, f"node {node}'s key signature does not verify")
-    state.signers.update(zip(peers, signers, strict=True))
-
-
-def _parse(cls: type[M], request: dict) -> M:
-    """``request`` as the typed message ``cls``, or a refusal naming what is wrong."""
-    try:
-        return cls.parse(request)  # type: ignore[return-value]
-    except m.VersionError as err:
-        raise RefusedError(Refusal.VERSION, str(err)) from None
-    except m.MessageError as err:
-        raise RefusedError(Refusal.BAD_REQUEST, str(err)) from None
-
-
-def _check_run(
-    state: ClientState, req: m.PrepareRequest | m.TrainRequest | m.UnmaskRequest
-) -> tuple[int, bytes]:
-    if req.nonce != state.nonce or not state.lt_key:
-        raise RefusedError(Refusal.REPLAY, "the request belongs to another protocol run")
-    return req.round, req.nonce
-
-
-def _round(state: ClientState, rnd: int) -> RoundSecrets:
-    secrets = state.rounds.get(rnd)
-    if secrets is None:
-        raise RefusedError(Refusal.REPLAY, f"this node prepared no round {rnd}")
-    return secrets
-
-
-def _split_package(plain: bytes) -> tuple[bytes, bytes, bytes]:
-    size = shamir.SHARE_BYTES
-    if len(plain) != keys.PUBLIC_KEY_BYTES + 2 * size:
-        raise RefusedError(Refusal.BAD_SHARE, "a share package has the wrong length")
-    pk = plain[: keys.PUBLIC_KEY_BYTES]
-    return pk, plain[keys.PUBLIC_KEY_BYTES : -size], plain[-size:]

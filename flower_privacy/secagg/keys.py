@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import struct
+from collections.abc import Sequence
 
 from cryptography.exceptions import InvalidSignature, InvalidTag
 from cryptography.hazmat.primitives import hashes, hmac
@@ -37,16 +38,27 @@ def pair_material(
 
     Raises ``ValueError`` for a malformed or low-order peer key (an all-zero secret).
     """
-    if len(peer_public_key) != PUBLIC_KEY_BYTES:
-        raise ValueError(f"public key must be {PUBLIC_KEY_BYTES} bytes, got {len(peer_public_key)}")
-    if own_id == peer_id:
-        raise ValueError("a node does not agree a key with itself")
-    shared = X25519PrivateKey.from_private_bytes(private_key).exchange(
-        X25519PublicKey.from_public_bytes(peer_public_key)
-    )
-    low, high = sorted((own_id, peer_id))
-    info = _PAIR_INFO + struct.pack("<QQ", low, high) + context
-    return HKDF(algorithm=hashes.SHA256(), length=64, salt=None, info=info).derive(shared)
+    return pair_materials(private_key, own_id, [(peer_public_key, peer_id)], context)[0]
+
+
+def pair_materials(
+    private_key: bytes, own_id: int, peers: Sequence[tuple[bytes, int]], context: bytes
+) -> list[bytes]:
+    """:func:`pair_material` with each ``(public key, id)`` of ``peers`` (one key load)."""
+    own = X25519PrivateKey.from_private_bytes(private_key)
+    out = []
+    for peer_public_key, peer_id in peers:
+        if len(peer_public_key) != PUBLIC_KEY_BYTES:
+            raise ValueError(
+                f"public key must be {PUBLIC_KEY_BYTES} bytes, got {len(peer_public_key)}"
+            )
+        if own_id == peer_id:
+            raise ValueError("a node does not agree a key with itself")
+        shared = own.exchange(X25519PublicKey.from_public_bytes(peer_public_key))
+        low, high = sorted((own_id, peer_id))
+        info = _PAIR_INFO + struct.pack("<QQ", low, high) + context
+        out.append(HKDF(algorithm=hashes.SHA256(), length=64, salt=None, info=info).derive(shared))
+    return out
 
 
 def mac(key: bytes, message: bytes) -> bytes:

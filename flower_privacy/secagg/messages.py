@@ -9,7 +9,9 @@ a mismatch is refused before anything else is read.
 
 from __future__ import annotations
 
-from dataclasses import MISSING, dataclass, field, fields
+import functools
+from collections.abc import Callable
+from dataclasses import MISSING, Field, dataclass, field, fields
 from typing import ClassVar
 
 from flower_privacy.secagg._common import PROTOCOL
@@ -19,18 +21,30 @@ class MessageError(ValueError):
     """A received message lacks a field, has a field of the wrong type, or an extra one."""
 
 
-def _check(kind: str, value: object) -> bool:
-    if kind == "int":
-        return isinstance(value, int) and not isinstance(value, bool)
-    if kind == "bytes":
-        return isinstance(value, bytes)
-    if kind == "str":
-        return isinstance(value, str)
-    if kind == "list[int]":
-        return isinstance(value, list) and all(_check("int", v) for v in value)
-    if kind == "list[bytes]":
-        return isinstance(value, list) and all(isinstance(v, bytes) for v in value)
-    raise TypeError(f"unsupported field type {kind}")
+def _is_int(value: object) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _is_int_list(value: object) -> bool:
+    if not isinstance(value, list):
+        return False
+    # Exact types first (one pass in C); subclasses then take the slow path.
+    return set(map(type, value)) <= {int} or all(_is_int(v) for v in value)
+
+
+def _is_bytes_list(value: object) -> bool:
+    if not isinstance(value, list):
+        return False
+    return set(map(type, value)) <= {bytes} or all(isinstance(v, bytes) for v in value)
+
+
+_CHECKS: dict[str, Callable[[object], bool]] = {
+    "int": _is_int,
+    "bytes": lambda value: isinstance(value, bytes),
+    "str": lambda value: isinstance(value, str),
+    "list[int]": _is_int_list,
+    "list[bytes]": _is_bytes_list,
+}
 
 
 def _key(name: str) -> str:
@@ -45,16 +59,16 @@ class Msg:
     KIND: ClassVar[str] = "message"
 
     def to_dict(self) -> dict:
-        return {_key(f.name): getattr(self, f.name) for f in fields(self)}
+        return {key: getattr(self, f.name) for key, (f, _) in _wire_fields(type(self)).items()}
 
     @classmethod
     def parse(cls, data: dict) -> Msg:
-        names = {_key(f.name): f for f in fields(cls)}
+        names = _wire_fields(cls)
         extra = sorted(set(data) - set(names))
         if extra:
             raise MessageError(f"{cls.KIND}: unexpected fields {extra}")
         values = {}
-        for key, f in names.items():
+        for key, (f, check) in names.items():
             if key not in data:
                 if f.default is not MISSING:
                     values[f.name] = f.default
@@ -64,10 +78,21 @@ class Msg:
                     raise MessageError(f"{cls.KIND}: field {key!r} is missing")
                 continue
             value = list(data[key]) if isinstance(data[key], tuple) else data[key]
-            if not _check(str(f.type), value):
+            if not check(value):
                 raise MessageError(f"{cls.KIND}: field {key!r} is not {f.type}")
             values[f.name] = value
         return cls(**values)
+
+
+@functools.cache
+def _wire_fields(cls: type[Msg]) -> dict[str, tuple[Field, Callable[[object], bool]]]:
+    """A message class's fields by wire name, each with its type check (once per class)."""
+    table = {}
+    for f in fields(cls):
+        if str(f.type) not in _CHECKS:
+            raise TypeError(f"unsupported field type {f.type}")
+        table[_key(f.name)] = (f, _CHECKS[str(f.type)])
+    return table
 
 
 @dataclass(frozen=True)

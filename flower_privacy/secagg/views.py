@@ -6,6 +6,7 @@ so that a value meant for one purpose can never be replayed as another.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
@@ -35,11 +36,23 @@ def package_ad(nonce: bytes, rnd: int, owner: int, holder: int) -> bytes:
     return canonical.encode(["package", PROTOCOL, nonce, rnd, owner, holder])
 
 
+def share_commitments(nonce: bytes, rnd: int) -> Callable[[int, int, str, bytes], bytes]:
+    """:func:`share_commitment` of one run and round as ``(owner, holder, kind, share)``.
+
+    The common head is hashed once: the server checks n·k shares a round.
+    """
+    head = canonical.PrefixDigest("share-commitment", [PROTOCOL, nonce, rnd], tail_items=4)
+    return head.digest
+
+
 def share_commitment(
     nonce: bytes, rnd: int, owner: int, holder: int, kind: str, share: bytes
 ) -> bytes:
-    """The owner's commitment to one holder's share (checked by holder and server)."""
-    return canonical.digest("share-commitment", [PROTOCOL, nonce, rnd, owner, holder, kind, share])
+    """The owner's commitment to one holder's share (checked by holder and server).
+
+    ``canonical.digest("share-commitment", [PROTOCOL, nonce, rnd, owner, holder, kind, share])``.
+    """
+    return share_commitments(nonce, rnd)(owner, holder, kind, share)
 
 
 def self_seed_commitment(nonce: bytes, rnd: int, owner: int, seed: bytes) -> bytes:
@@ -63,10 +76,18 @@ def pair_keys(
     mask_key: bytes, own: int, peer_mask_key: bytes, peer: int, nonce: bytes, rnd: int
 ) -> RoundPair:
     """Per-round pairwise secrets of ``own`` and ``peer`` (symmetric in the two)."""
-    material = keys.pair_material(
-        mask_key, own, peer_mask_key, peer, canonical.encode(["round", PROTOCOL, nonce, rnd])
-    )
-    return RoundPair(mac_key=material[:32], seed_base=material[32:])
+    return round_pairs(mask_key, own, [(peer_mask_key, peer)], nonce, rnd)[0]
+
+
+def round_pairs(
+    mask_key: bytes, own: int, peers: list[tuple[bytes, int]], nonce: bytes, rnd: int
+) -> list[RoundPair]:
+    """:func:`pair_keys` of ``own`` with each ``(round public key, id)`` of ``peers``."""
+    context = canonical.encode(["round", PROTOCOL, nonce, rnd])
+    return [
+        RoundPair(mac_key=material[:32], seed_base=material[32:])
+        for material in keys.pair_materials(mask_key, own, peers, context)
+    ]
 
 
 def tag_message(sender: int, receiver: int, view: bytes) -> bytes:
