@@ -19,6 +19,7 @@ from flwr.serverapp import Grid
 from flwr.serverapp.strategy import Result
 
 from flower_privacy.errors import NotEnoughNodesError, RoundFailedError, RunHaltedError
+from flower_privacy.strategies._exchange import send_and_receive
 from flower_privacy.strategies.result import PrivacyResult
 
 if TYPE_CHECKING:
@@ -97,11 +98,11 @@ class RoundLoop:
             log(INFO, "\t%s", line.rstrip("\n"))
         return result
 
-    def _exchange(self, messages: list[Message]) -> list[Message]:
+    def _exchange(self, server_round: int, what: str, messages: list[Message]) -> list[Message]:
         if not messages:
             return []
         limit_ttl(messages, self.timeout)
-        return list(self.grid.send_and_receive(messages=messages, timeout=self.timeout))
+        return send_and_receive(self.grid, messages, self.timeout, server_round, what)
 
     def _train(
         self, server_round: int, arrays: ArrayRecord
@@ -110,7 +111,9 @@ class RoundLoop:
         messages = list(layer.configure_train(server_round, arrays, self.train_config, self.grid))
         if not messages and not layer.empty_rounds_aggregate:
             raise RoundFailedError(server_round, "no node was selected for training")
-        new_arrays, metrics = layer.aggregate_train(server_round, self._exchange(messages))
+        new_arrays, metrics = layer.aggregate_train(
+            server_round, self._exchange(server_round, "train", messages)
+        )
         if new_arrays is None:  # a subclass may override aggregate_train
             raise RoundFailedError(server_round, "aggregation returned no model")
         return new_arrays, metrics
@@ -122,7 +125,9 @@ class RoundLoop:
         )
         if not messages:
             return
-        metrics = layer.aggregate_evaluate(server_round, self._exchange(messages))
+        metrics = layer.aggregate_evaluate(
+            server_round, self._exchange(server_round, "evaluate", messages)
+        )
         if metrics is None:
             log(WARNING, "round %d: federated evaluation returned no metrics", server_round)
         else:

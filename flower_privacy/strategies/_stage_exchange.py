@@ -16,6 +16,7 @@ from flwr.serverapp import Grid
 
 from flower_privacy.errors import RoundFailedError
 from flower_privacy.secagg.protocol import Refusal
+from flower_privacy.strategies._exchange import send_and_receive
 from flower_privacy.wire import secagg as wire
 
 
@@ -52,7 +53,8 @@ class StageExchange:
             messages.append(
                 Message(content, node, "train", ttl=timeout, group_id=str(server_round))
             )
-        replies = list(self.grid.send_and_receive(messages, timeout=timeout))
+        what = "+".join(sorted({s for p in stages.values() for s in p}))
+        replies = send_and_receive(self.grid, messages, timeout, server_round, what)
         answers: dict[int, dict[str, dict]] = {}
         errors = []
         for reply in replies:
