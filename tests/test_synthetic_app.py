@@ -11,7 +11,12 @@ from conftest import REPO_ROOT
 from flwr.app import Context, RecordDict
 
 from flower_privacy import _flwr_compat as compat
-from flower_privacy.bench.app_logs import ROUND_SECONDS, TRAIN_METRICS, logged_json
+from flower_privacy.bench.app_logs import (
+    ROUND_SECONDS,
+    TRAIN_METRICS,
+    exchange_medians,
+    logged_json,
+)
 from flower_privacy.testing import InProcessGrid, capture_log_lines
 
 SYNTHETIC_APP = REPO_ROOT / "apps" / "synthetic"
@@ -75,6 +80,11 @@ def test_secagg_with_groups_and_dropouts_trains_the_mlp() -> None:
         assert survivors % 2 == 0 and survivors + int(round_metrics["secagg-dropped"]) == 6
     assert sum(int(m["secagg-dropped"]) for m in metrics.values()) > 0
     assert len(logged_json(lines, ROUND_SECONDS)) == 2
+    # Every exchange is logged: round 2 trains 6 nodes and unmasks (last round: no prepare).
+    steady = exchange_medians(lines)
+    assert set(steady) == {"train", "unmask"} and steady["train"]["messages"] == 6
+    assert all(e["count"] == 1 and e["seconds"] >= 0 for e in steady.values())
+    assert {"advertise", "prepare", "prepare+unmask"} <= set(exchange_medians(lines, 1))
 
 
 def test_fedavg_training_lowers_the_loss() -> None:

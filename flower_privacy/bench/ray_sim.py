@@ -20,7 +20,12 @@ from collections.abc import Callable
 from pathlib import Path
 
 from flower_privacy._closing import ClosesOnExit
-from flower_privacy.bench.app_logs import ROUND_SECONDS, TRAIN_METRICS, logged_json
+from flower_privacy.bench.app_logs import (
+    ROUND_SECONDS,
+    TRAIN_METRICS,
+    exchange_medians,
+    logged_json,
+)
 from flower_privacy.harness.flwr_cli import RunOutcome
 from flower_privacy.harness.processes import descendants
 from flower_privacy.wire import secagg as wire
@@ -198,6 +203,8 @@ def _first_run_details(out: dict, name: str, seconds: list[float], outcome: RunO
     """Each round's seconds, the wall time and the clients' figures of a first run."""
     metrics = logged_json(outcome.log, TRAIN_METRICS)
     out[f"{name}_rounds_s"] = seconds
+    # Where a steady round's time goes: each kind of exchange, rounds 2.. (medians).
+    out[f"{name}_exchanges"] = exchange_medians(outcome.log)
     out[f"{name}_wall_s"] = outcome.wall_seconds
     if name == "fedavg":
         out["client_train_s"] = statistics.mean(float(m["train-seconds"]) for m in metrics.values())
