@@ -97,13 +97,15 @@ def test_0_a_later_dropout_reveals_nothing_that_unmasks_an_earlier_round() -> No
     assert keys.public_key(round2_key) != prepared[1][VICTIM]["mask-key"]  # not round 1's key
     # The old attack: strip the round-1 pairwise masks with the rebuilt key.
     from flower_privacy.secagg.prg import expand_mask
-    from flower_privacy.secagg.views import pair_keys
+    from flower_privacy.secagg.views import RoundPairs
 
     nonce = _seen(grid, "to-node", wire.PREPARE, 1)[VICTIM]["nonce"]
     vector = np.frombuffer(upload["masked"], dtype="<u4").copy()
     vector -= expand_mask(rebuild(1, "b"), b"self-mask|" + _nonce_round(nonce, 1), vector.size)
     for peer in upload["tags-to"]:
-        pair = pair_keys(round2_key, VICTIM, prepared[1][peer]["mask-key"], peer, nonce, 1)
+        pair = RoundPairs(round2_key, VICTIM, nonce, 1).with_peer(
+            prepared[1][peer]["mask-key"], peer
+        )
         mask = expand_mask(pair.mask_seed(upload["view"]), b"pair-mask|", vector.size)
         vector = vector - mask if VICTIM < peer else vector + mask
     quant = Quantizer(clip_range=1.0, max_weight=100, max_clients=100)

@@ -139,17 +139,24 @@ def test_64_bit_masks_come_from_their_own_keystream() -> None:
         prg.expand_mask(seed, b"c", 8, 16)
 
 
-def test_pair_material_agrees_and_binds_ids_and_context() -> None:
+def test_key_agreement_agrees_and_binds_ids_and_context() -> None:
     a, b = keys.generate_private_key(), keys.generate_private_key()
-    ab = keys.pair_material(a, 1, keys.public_key(b), 2, b"run")
-    ba = keys.pair_material(b, 2, keys.public_key(a), 1, b"run")
+    with_a = keys.KeyAgreement(a, 1)
+    ab = with_a.material(keys.public_key(b), 2, b"run")
+    ba = keys.KeyAgreement(b, 2).material(keys.public_key(a), 1, b"run")
     assert ab == ba and len(ab) == 64
-    assert keys.pair_material(a, 1, keys.public_key(b), 2, b"other") != ab
-    assert keys.pair_material(a, 1, keys.public_key(b), 3, b"run") != ab
+    assert with_a.material(keys.public_key(b), 2, b"other") != ab
+    assert with_a.material(keys.public_key(b), 3, b"run") != ab
+    # One loaded key, many peers: each agreement is its own (not the last peer's).
+    c = keys.generate_private_key()
+    ac = with_a.material(keys.public_key(c), 3, b"run")
+    assert ac == keys.KeyAgreement(c, 3).material(keys.public_key(a), 1, b"run") != ab
     with pytest.raises(ValueError):
-        keys.pair_material(a, 1, bytes(32), 2, b"run")  # a low-order point: all-zero secret
-    with pytest.raises(ValueError):
-        keys.pair_material(a, 1, keys.public_key(a), 1, b"run")
+        with_a.material(bytes(32), 2, b"run")  # a low-order point: all-zero secret
+    with pytest.raises(ValueError, match="32 bytes"):
+        with_a.material(keys.public_key(b)[:31], 2, b"run")
+    with pytest.raises(ValueError, match="itself"):
+        with_a.material(keys.public_key(a), 1, b"run")
 
 
 def test_view_macs_verify_only_the_same_message_and_key() -> None:

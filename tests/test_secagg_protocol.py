@@ -31,7 +31,7 @@ from flower_privacy.secagg.floors import (
 )
 from flower_privacy.secagg.prg import expand_mask
 from flower_privacy.secagg.quantize import Quantizer
-from flower_privacy.secagg.views import advertise_message, pair_keys, self_seed_commitment
+from flower_privacy.secagg.views import RoundPairs, advertise_message, self_seed_commitment
 
 # Flower-free cores: run on the main Flower version only.
 pytestmark = pytest.mark.once
@@ -308,7 +308,7 @@ def _strip_masks(fed: Federation, node: int, rnd: int, key: bytes, seed: bytes) 
     vector -= expand_mask(seed, secagg_client._SELF + canonical.encode([nonce, rnd]), vector.size)
     for peer in upload["tags-to"]:
         peer_key = fed.prepare_replies[rnd][peer]["mask-key"]
-        pair = pair_keys(key, node, peer_key, peer, nonce, rnd)
+        pair = RoundPairs(key, node, nonce, rnd).with_peer(peer_key, peer)
         mask = expand_mask(pair.mask_seed(upload["view"]), secagg_client._PAIR, vector.size)
         if mask_sign(node, peer) > 0:
             vector -= mask

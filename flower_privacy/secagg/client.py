@@ -29,11 +29,11 @@ from flower_privacy.secagg.prg import expand_mask
 from flower_privacy.secagg.quantize import Encoder, word_dtype
 from flower_privacy.secagg.state import ClientState, Identity, RoundSecrets
 from flower_privacy.secagg.views import (
+    RoundPairs,
+    SealKeys,
     advertise_message,
     package_ad,
-    pair_keys,
     round_view,
-    seal_key,
     self_seed_commitment,
     share_commitments,
     tag_message,
@@ -119,8 +119,9 @@ def client_prepare(
     b_shares = shamir.split(self_seed, t, len(peers))
     packages, commit_sk, commit_b = [], [], []
     commit = share_commitments(nonce, rnd)
+    seal_keys = SealKeys(state.lt_key, state.node_id, nonce)
     for peer, sk_share, b_share in zip(peers, sk_shares, b_shares, strict=True):
-        key = seal_key(state.lt_key, state.node_id, lt_keys[peer], peer, nonce)
+        key = seal_keys.with_peer(lt_keys[peer], peer)
         ad = package_ad(nonce, rnd, state.node_id, peer)
         packages.append(keys.seal(key, mask_public + sk_share + b_share, ad))
         commit_sk.append(commit(state.node_id, peer, "sk", sk_share))
@@ -215,10 +216,12 @@ def client_mask(
     # cleanly (naming its owner), and the server may ask again without it.
     mask_keys, held, pairs = {}, {}, {}
     commit = share_commitments(nonce, rnd)
+    seal_keys = SealKeys(state.lt_key, state.node_id, nonce)
+    round_pairs = RoundPairs(secrets.mask_key, state.node_id, nonce, rnd)
     for owner, blob, c_sk, c_b, committed in zip(
         live, req.packages, req.commit_sk, req.commit_b, req.mask_keys, strict=True
     ):
-        key = seal_key(state.lt_key, state.node_id, secrets.lt_keys[owner], owner, nonce)
+        key = seal_keys.with_peer(secrets.lt_keys[owner], owner)
         try:
             plain = keys.open_sealed(key, blob, package_ad(nonce, rnd, owner, state.node_id))
         except keys.DecryptionError:
@@ -238,9 +241,7 @@ def client_mask(
                 Refusal.BAD_SHARE, f"node {owner} gave holders another round key than the server"
             )
         try:
-            pairs[owner] = pair_keys(
-                secrets.mask_key, state.node_id, mask_public, owner, nonce, rnd
-            )
+            pairs[owner] = round_pairs.with_peer(mask_public, owner)
         except ValueError:
             raise RefusedError(Refusal.BAD_SHARE, f"node {owner}'s round key is invalid") from None
         mask_keys[owner], held[owner] = mask_public, [sk_share, b_share]
@@ -303,15 +304,9 @@ def client_unmask(
     live = secrets.live_neighbours(survivors)
     if list(req.tags_from) != live or len(req.tags) != len(live):
         raise RefusedError(Refusal.BAD_REQUEST, "view tags are not those of the live neighbours")
+    round_pairs = RoundPairs(secrets.mask_key, state.node_id, state.nonce, secrets.round)
     for peer, tag in zip(live, req.tags, strict=True):
-        pair = pair_keys(
-            secrets.mask_key,
-            state.node_id,
-            secrets.mask_keys[peer],
-            peer,
-            state.nonce,
-            secrets.round,
-        )
+        pair = round_pairs.with_peer(secrets.mask_keys[peer], peer)
         if not keys.mac_ok(pair.mac_key, tag_message(peer, state.node_id, secrets.view), tag):
             raise RefusedError(
                 Refusal.INCONSISTENT_VIEW,

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import os
 import struct
-from collections.abc import Sequence
 
 from cryptography.exceptions import InvalidSignature, InvalidTag
 from cryptography.hazmat.primitives import hashes, hmac
@@ -31,34 +30,28 @@ def public_key(private_key: bytes) -> bytes:
     return X25519PrivateKey.from_private_bytes(private_key).public_key().public_bytes_raw()
 
 
-def pair_material(
-    private_key: bytes, own_id: int, peer_public_key: bytes, peer_id: int, context: bytes
-) -> bytes:
-    """64 bytes two nodes share, bound to both ids and ``context`` (purpose, run, round).
+class KeyAgreement:
+    """One X25519 private key, loaded once, agreeing pair materials with many peers."""
 
-    Raises ``ValueError`` for a malformed or low-order peer key (an all-zero secret).
-    """
-    return pair_materials(private_key, own_id, [(peer_public_key, peer_id)], context)[0]
+    def __init__(self, private_key: bytes, own_id: int) -> None:
+        self._key = X25519PrivateKey.from_private_bytes(private_key)
+        self.own_id = own_id
 
+    def material(self, peer_public_key: bytes, peer_id: int, context: bytes) -> bytes:
+        """64 bytes this node and ``peer_id`` share, bound to both ids and ``context``.
 
-def pair_materials(
-    private_key: bytes, own_id: int, peers: Sequence[tuple[bytes, int]], context: bytes
-) -> list[bytes]:
-    """:func:`pair_material` with each ``(public key, id)`` of ``peers`` (one key load)."""
-    own = X25519PrivateKey.from_private_bytes(private_key)
-    out = []
-    for peer_public_key, peer_id in peers:
+        Raises ``ValueError`` for a malformed or low-order peer key (an all-zero secret).
+        """
         if len(peer_public_key) != PUBLIC_KEY_BYTES:
             raise ValueError(
                 f"public key must be {PUBLIC_KEY_BYTES} bytes, got {len(peer_public_key)}"
             )
-        if own_id == peer_id:
+        if self.own_id == peer_id:
             raise ValueError("a node does not agree a key with itself")
-        shared = own.exchange(X25519PublicKey.from_public_bytes(peer_public_key))
-        low, high = sorted((own_id, peer_id))
+        shared = self._key.exchange(X25519PublicKey.from_public_bytes(peer_public_key))
+        low, high = sorted((self.own_id, peer_id))
         info = _PAIR_INFO + struct.pack("<QQ", low, high) + context
-        out.append(HKDF(algorithm=hashes.SHA256(), length=64, salt=None, info=info).derive(shared))
-    return out
+        return HKDF(algorithm=hashes.SHA256(), length=64, salt=None, info=info).derive(shared)
 
 
 def mac(key: bytes, message: bytes) -> bytes:

@@ -17,7 +17,7 @@ from flower_privacy.secagg._common import ProtocolError
 from flower_privacy.secagg._common import mask_sign as _sign
 from flower_privacy.secagg.prg import expand_mask
 from flower_privacy.secagg.quantize import word_dtype
-from flower_privacy.secagg.views import round_pairs, self_seed_commitment, share_commitments
+from flower_privacy.secagg.views import RoundPairs, self_seed_commitment, share_commitments
 
 _SELF = b"self-mask|"
 _PAIR = b"pair-mask|"
@@ -120,10 +120,9 @@ def unmasked_total(
         mask_key = rebuild(node, sk_shares[node], state.threshold, "round key")
         if keys.public_key(mask_key) != state.prepares[node].mask_key:
             raise ProtocolError(f"node {node} shared a round key it did not commit to")
-        peer_keys = [(state.prepares[peer].mask_key, peer) for peer in live]
-        for peer, pair in zip(
-            live, round_pairs(mask_key, node, peer_keys, nonce, rnd), strict=True
-        ):
+        pairs = RoundPairs(mask_key, node, nonce, rnd)
+        for peer in live:
+            pair = pairs.with_peer(state.prepares[peer].mask_key, peer)
             mask = expand_mask(pair.mask_seed(state.uploads[peer].view), _PAIR, size, word_bits)
             if _sign(peer, node) > 0:  # the survivor added it: take it away
                 total -= mask

@@ -25,10 +25,19 @@ def advertise_message(nonce: bytes, node: int, lt_key: bytes) -> bytes:
     return canonical.encode(["advertise", PROTOCOL, nonce, node, lt_key])
 
 
-def seal_key(lt_key: bytes, own: int, peer_lt_key: bytes, peer: int, nonce: bytes) -> bytes:
-    """The ChaCha20-Poly1305 key two nodes seal share packages with (long-term keys)."""
-    context = canonical.encode(["seal", PROTOCOL, nonce])
-    return keys.pair_material(lt_key, own, peer_lt_key, peer, context)[:32]
+class SealKeys:
+    """The ChaCha20-Poly1305 keys one node seals share packages with, one per peer.
+
+    From the two nodes' long-term keys; this node's is loaded once for all its peers.
+    """
+
+    def __init__(self, lt_key: bytes, own: int, nonce: bytes) -> None:
+        self._agreement = keys.KeyAgreement(lt_key, own)
+        self._context = canonical.encode(["seal", PROTOCOL, nonce])
+
+    def with_peer(self, peer_lt_key: bytes, peer: int) -> bytes:
+        """The key shared with ``peer``."""
+        return self._agreement.material(peer_lt_key, peer, self._context)[:32]
 
 
 def package_ad(nonce: bytes, rnd: int, owner: int, holder: int) -> bytes:
@@ -72,22 +81,17 @@ class RoundPair:
         return derive_key(self.seed_base, b"flower-privacy/secagg/pair-seed|" + view)
 
 
-def pair_keys(
-    mask_key: bytes, own: int, peer_mask_key: bytes, peer: int, nonce: bytes, rnd: int
-) -> RoundPair:
-    """Per-round pairwise secrets of ``own`` and ``peer`` (symmetric in the two)."""
-    return round_pairs(mask_key, own, [(peer_mask_key, peer)], nonce, rnd)[0]
+class RoundPairs:
+    """One node's per-round pairwise secrets with its peers (its round key loaded once)."""
 
+    def __init__(self, mask_key: bytes, own: int, nonce: bytes, rnd: int) -> None:
+        self._agreement = keys.KeyAgreement(mask_key, own)
+        self._context = canonical.encode(["round", PROTOCOL, nonce, rnd])
 
-def round_pairs(
-    mask_key: bytes, own: int, peers: list[tuple[bytes, int]], nonce: bytes, rnd: int
-) -> list[RoundPair]:
-    """:func:`pair_keys` of ``own`` with each ``(round public key, id)`` of ``peers``."""
-    context = canonical.encode(["round", PROTOCOL, nonce, rnd])
-    return [
-        RoundPair(mac_key=material[:32], seed_base=material[32:])
-        for material in keys.pair_materials(mask_key, own, peers, context)
-    ]
+    def with_peer(self, peer_mask_key: bytes, peer: int) -> RoundPair:
+        """The secrets shared with ``peer`` (symmetric in the two)."""
+        material = self._agreement.material(peer_mask_key, peer, self._context)
+        return RoundPair(mac_key=material[:32], seed_base=material[32:])
 
 
 def tag_message(sender: int, receiver: int, view: bytes) -> bytes:
