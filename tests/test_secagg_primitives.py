@@ -130,6 +130,24 @@ def test_stochastic_rounding_is_unbiased_at_every_magnitude(base: float) -> None
         assert abs((rounded - int(base)).mean() - fraction) < 0.0125
 
 
+@pytest.mark.parametrize("bits", [32, 64])
+def test_a_reused_mask_buffer_gives_the_reference_keystream(bits: int) -> None:
+    # The reference: AES-256-CTR, zero nonce, under HKDF-SHA256(seed, purpose), read
+    # little-endian. One buffer serves many masks; each expand is the fresh result.
+    from cryptography.hazmat.primitives.ciphers import Cipher, algorithms, modes
+
+    seed, buffer = os.urandom(32), prg.MaskBuffer(1001, bits)
+    for context in (b"first", b"second", b"first"):
+        info = b"flower-privacy/secagg/mask/v1|" + (b"u64|" if bits == 64 else b"") + context
+        encryptor = Cipher(
+            algorithms.AES(prg.derive_key(seed, info)), modes.CTR(bytes(16))
+        ).encryptor()
+        reference = np.frombuffer(encryptor.update(bytes(1001 * bits // 8)), f"<u{bits // 8}")
+        got = buffer.expand(seed, context)
+        assert np.array_equal(got, reference) and got.size == 1001
+        assert np.array_equal(expand_mask(seed, context, 1001, bits), reference)
+
+
 def test_64_bit_masks_come_from_their_own_keystream() -> None:
     seed = os.urandom(32)
     narrow, wide = prg.expand_mask(seed, b"c", 8), prg.expand_mask(seed, b"c", 8, 64)

@@ -25,7 +25,7 @@ from flower_privacy.secagg.client_checks import (
 )
 from flower_privacy.secagg.consistency import check_signatures
 from flower_privacy.secagg.floors import ClientFloors
-from flower_privacy.secagg.prg import expand_mask
+from flower_privacy.secagg.prg import MaskBuffer
 from flower_privacy.secagg.quantize import Encoder, word_dtype
 from flower_privacy.secagg.state import ClientState, Identity, RoundSecrets
 from flower_privacy.secagg.views import (
@@ -257,11 +257,12 @@ def client_mask(
         [encoded.values, np.array([encoded.weight, encoded.clipped], dtype=words)]
     )
     self_context = _SELF + canonical.encode([nonce, rnd])
-    vector += expand_mask(secrets.self_seed, self_context, vector.size, bits)
+    masks = MaskBuffer(vector.size, bits)
+    vector += masks.expand(secrets.self_seed, self_context)
     tags = []
     for peer in live:
         pair = pairs[peer]
-        mask = expand_mask(pair.mask_seed(secrets.view), _PAIR, vector.size, bits)
+        mask = masks.expand(pair.mask_seed(secrets.view), _PAIR)
         if _sign(state.node_id, peer) > 0:
             vector += mask
         else:

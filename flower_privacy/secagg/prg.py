@@ -24,20 +24,41 @@ def derive_key(seed: bytes, info: bytes, length: int = 32) -> bytes:
     return HKDF(algorithm=hashes.SHA256(), length=length, salt=None, info=info).derive(seed)
 
 
+class MaskBuffer:
+    """Room for masks of one length: each :meth:`expand` overwrites the same words.
+
+    Masks are the protocol's bulk work (a client expands k + 1 a round, the server one
+    per survivor and per dropped pair); writing them into one buffer saves allocating
+    and faulting in fresh pages for every one.
+    """
+
+    def __init__(self, length: int, word_bits: int = 32) -> None:
+        if length < 0:
+            raise ValueError(f"length must be >= 0, got {length}")
+        if word_bits not in (32, 64):
+            raise ValueError(f"word_bits must be 32 or 64, got {word_bits!r}")
+        self.word_bits = word_bits
+        size = word_bits // 8 * length
+        self._zeros = memoryview(bytes(size))
+        # update_into wants room for one more block than it writes.
+        self._out = bytearray(size + 15)
+        self.words = np.frombuffer(self._out, dtype=f"<u{word_bits // 8}", count=length)
+
+    def expand(self, seed: bytes, context: bytes) -> np.ndarray:
+        """The mask of ``seed`` for ``context`` (valid until the next call)."""
+        # The width is part of the key's purpose: a 64-bit mask never shares a keystream
+        # with a 32-bit one.
+        info = _MASK_INFO + (b"" if self.word_bits == 32 else b"u64|") + context
+        cipher = Cipher(algorithms.AES(derive_key(seed, info)), modes.CTR(_ZERO_NONCE))
+        encryptor = cipher.encryptor()
+        encryptor.update_into(self._zeros, self._out)
+        encryptor.finalize()
+        return self.words
+
+
 def expand_mask(seed: bytes, context: bytes, length: int, word_bits: int = 32) -> np.ndarray:
     """``length`` uniform words of ``word_bits`` (32 or 64) from ``seed`` for ``context``."""
-    if length < 0:
-        raise ValueError(f"length must be >= 0, got {length}")
-    if word_bits not in (32, 64):
-        raise ValueError(f"word_bits must be 32 or 64, got {word_bits!r}")
-    # The width is part of the key's purpose: a 64-bit mask never shares a keystream
-    # with a 32-bit one.
-    info = _MASK_INFO + (b"" if word_bits == 32 else b"u64|") + context
-    key = derive_key(seed, info)
-    encryptor = Cipher(algorithms.AES(key), modes.CTR(_ZERO_NONCE)).encryptor()
-    stream = encryptor.update(bytes(word_bits // 8 * length)) + encryptor.finalize()
-    dtype = np.uint32 if word_bits == 32 else np.uint64
-    return np.frombuffer(stream, dtype=f"<u{word_bits // 8}").astype(dtype, copy=False)
+    return MaskBuffer(length, word_bits).expand(seed, context)
 
 
 def uniform_floats(seed: bytes, context: bytes, length: int) -> np.ndarray:

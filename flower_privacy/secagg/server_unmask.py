@@ -15,7 +15,7 @@ from flower_privacy.secagg import canonical, keys, shamir
 from flower_privacy.secagg import messages as m
 from flower_privacy.secagg._common import ProtocolError
 from flower_privacy.secagg._common import mask_sign as _sign
-from flower_privacy.secagg.prg import expand_mask
+from flower_privacy.secagg.prg import MaskBuffer
 from flower_privacy.secagg.quantize import word_dtype
 from flower_privacy.secagg.views import RoundPairs, self_seed_commitment, share_commitments
 
@@ -107,11 +107,12 @@ def unmasked_total(
     for node in survivors:
         total += np.frombuffer(state.uploads[node].masked, dtype=words)
     self_context = _SELF + canonical.encode([nonce, rnd])
+    masks = MaskBuffer(size, word_bits)
     for node in survivors:
         seed = rebuild(node, b_shares[node], state.threshold, "self-mask seed")
         if self_seed_commitment(nonce, rnd, node, seed) != state.prepares[node].seed_commitment:
             raise ProtocolError(f"node {node} shared a self-mask seed it did not commit to")
-        total -= expand_mask(seed, self_context, size, word_bits)
+        total -= masks.expand(seed, self_context)
     alive = set(survivors)
     for node in sk_shares:
         live = [v for v in state.neighbours[node] if v in alive]
@@ -123,7 +124,7 @@ def unmasked_total(
         pairs = RoundPairs(mask_key, node, nonce, rnd)
         for peer in live:
             pair = pairs.with_peer(state.prepares[peer].mask_key, peer)
-            mask = expand_mask(pair.mask_seed(state.uploads[peer].view), _PAIR, size, word_bits)
+            mask = masks.expand(pair.mask_seed(state.uploads[peer].view), _PAIR)
             if _sign(peer, node) > 0:  # the survivor added it: take it away
                 total -= mask
             else:
