@@ -27,7 +27,7 @@ from flower_privacy.bench.app_logs import ROUND_SECONDS, logged_json
 from flower_privacy.mods import secagg_mod
 from flower_privacy.secagg import graph
 from flower_privacy.secagg import protocol as proto
-from flower_privacy.secagg.prg import expand_mask
+from flower_privacy.secagg.prg import MaskBuffer
 from flower_privacy.secagg.quantize import Quantizer
 from flower_privacy.strategies import SecureAggregation
 from flower_privacy.testing import InProcessGrid
@@ -205,11 +205,12 @@ def mask_throughput_ratio(length: int = 1_000_000, neighbours: int = 10) -> floa
     """
     seed = os.urandom(32)
 
-    def ours() -> None:
+    def ours() -> None:  # as client_mask does it: one mask buffer for the stage
         vector = np.zeros(length, dtype=np.uint32)
-        vector += expand_mask(seed, b"self", length)
+        masks = MaskBuffer(length)
+        vector += masks.expand(seed, b"self")
         for i in range(neighbours):
-            vector += expand_mask(seed, i.to_bytes(4, "little"), length)
+            vector += masks.expand(seed, i.to_bytes(4, "little"))
 
     def raw() -> None:
         encryptor = Cipher(algorithms.AES(os.urandom(16)), modes.CTR(bytes(16))).encryptor()
