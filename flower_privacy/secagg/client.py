@@ -120,10 +120,11 @@ def client_prepare(
     packages, commit_sk, commit_b = [], [], []
     commit = share_commitments(nonce, rnd)
     seal_keys = SealKeys(state.lt_key, state.node_id, nonce)
+    # The same keys open the neighbours' packages at masking: derived once, kept a round.
+    package_keys = {peer: seal_keys.with_peer(lt_keys[peer], peer) for peer in peers}
     for peer, sk_share, b_share in zip(peers, sk_shares, b_shares, strict=True):
-        key = seal_keys.with_peer(lt_keys[peer], peer)
         ad = package_ad(nonce, rnd, state.node_id, peer)
-        packages.append(keys.seal(key, mask_public + sk_share + b_share, ad))
+        packages.append(keys.seal(package_keys[peer], mask_public + sk_share + b_share, ad))
         commit_sk.append(commit(state.node_id, peer, "sk", sk_share))
         commit_b.append(commit(state.node_id, peer, "b", b_share))
     # Older rounds can never be unmasked again (the server moved on): forget them.
@@ -135,7 +136,7 @@ def client_prepare(
         threshold=t,
         graph_seed=seed,
         neighbours=peers,
-        lt_keys=lt_keys,
+        seal_keys=package_keys,
         mask_key=mask_key,
         self_seed=self_seed,
         min_survivors=min_survivors,
@@ -214,16 +215,16 @@ def client_mask(
         raise RefusedError(Refusal.BAD_REQUEST, "share packages are not those of the neighbours")
     # Everything is checked before any state changes: a bad package refuses the round
     # cleanly (naming its owner), and the server may ask again without it.
-    mask_keys, held, pairs = {}, {}, {}
+    held, pairs = {}, {}
     commit = share_commitments(nonce, rnd)
-    seal_keys = SealKeys(state.lt_key, state.node_id, nonce)
     round_pairs = RoundPairs(secrets.mask_key, state.node_id, nonce, rnd)
     for owner, blob, c_sk, c_b, committed in zip(
         live, req.packages, req.commit_sk, req.commit_b, req.mask_keys, strict=True
     ):
-        key = seal_keys.with_peer(secrets.lt_keys[owner], owner)
         try:
-            plain = keys.open_sealed(key, blob, package_ad(nonce, rnd, owner, state.node_id))
+            plain = keys.open_sealed(
+                secrets.seal_keys[owner], blob, package_ad(nonce, rnd, owner, state.node_id)
+            )
         except keys.DecryptionError:
             raise RefusedError(
                 Refusal.BAD_SHARE, f"the share package of node {owner} failed authentication"
@@ -244,8 +245,10 @@ def client_mask(
             pairs[owner] = round_pairs.with_peer(mask_public, owner)
         except ValueError:
             raise RefusedError(Refusal.BAD_SHARE, f"node {owner}'s round key is invalid") from None
-        mask_keys[owner], held[owner] = mask_public, [sk_share, b_share]
-    secrets.mask_keys, secrets.held, secrets.prepared = mask_keys, held, prepared
+        held[owner] = [sk_share, b_share]
+    secrets.held, secrets.prepared = held, prepared
+    # Unmasking checks the neighbours' view tags with these: no key agreement again.
+    secrets.tag_keys = {owner: pair.mac_key for owner, pair in pairs.items()}
     secrets.view = view_digest(nonce, secrets, content_digest)
 
     encoded = encoder.encode(update, weight)
@@ -305,10 +308,10 @@ def client_unmask(
     live = secrets.live_neighbours(survivors)
     if list(req.tags_from) != live or len(req.tags) != len(live):
         raise RefusedError(Refusal.BAD_REQUEST, "view tags are not those of the live neighbours")
-    round_pairs = RoundPairs(secrets.mask_key, state.node_id, state.nonce, secrets.round)
     for peer, tag in zip(live, req.tags, strict=True):
-        pair = round_pairs.with_peer(secrets.mask_keys[peer], peer)
-        if not keys.mac_ok(pair.mac_key, tag_message(peer, state.node_id, secrets.view), tag):
+        if not keys.mac_ok(
+            secrets.tag_keys[peer], tag_message(peer, state.node_id, secrets.view), tag
+        ):
             raise RefusedError(
                 Refusal.INCONSISTENT_VIEW,
                 f"node {peer} masked under another view of round {secrets.round} "

@@ -6,6 +6,7 @@ can recompute it and check the server's claims against it.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import struct
 
@@ -51,17 +52,27 @@ def groups_from_generations(
     Generation ``i`` (the nodes that were grouped together) is partitioned with the seed
     ``seed || i``, so groups never change once formed: later joiners only add groups.
     """
+    frozen = tuple(tuple(members) for members in generations)
+    return [list(group) for group in _groups_of(frozen, group_size, seed)]
+
+
+# A process answers many prepares with the same generations (a Ray actor runs many
+# virtual nodes; a SuperNode prepares every round): hashing every node once is enough.
+@functools.lru_cache(maxsize=8)
+def _groups_of(
+    generations: tuple[tuple[int, ...], ...], group_size: int, seed: bytes
+) -> tuple[tuple[int, ...], ...]:
     seen: set[int] = set()
-    result: list[list[int]] = []
+    result: list[tuple[int, ...]] = []
     for index, members in enumerate(generations):
         if seen.intersection(members):
             raise ValueError("a node appears in two generations")
         seen.update(members)
-        parts = partition(members, group_size, seed + index.to_bytes(4, "little"))
+        parts = partition(list(members), group_size, seed + index.to_bytes(4, "little"))
         if sum(len(g) for g in parts) != len(members):
             raise ValueError(f"generation {index} is not a multiple of the group size")
-        result.extend(parts)
-    return result
+        result.extend(tuple(g) for g in parts)
+    return tuple(result)
 
 
 def flatten(generations: list[list[int]]) -> tuple[list[int], list[int]]:

@@ -38,13 +38,13 @@ class RoundSecrets:
     threshold: int
     graph_seed: bytes
     neighbours: list[int]
-    lt_keys: dict[int, bytes]  # neighbours' long-term (sealing) keys
+    seal_keys: dict[int, bytes]  # per-neighbour package keys (from the long-term keys)
     mask_key: bytes  # this round's X25519 private key
     self_seed: bytes
     min_survivors: int
     groups: list[list[int]]
     prepared: list[int] = field(default_factory=list)  # the cohort that prepared
-    mask_keys: dict[int, bytes] = field(default_factory=dict)  # neighbours' round keys
+    tag_keys: dict[int, bytes] = field(default_factory=dict)  # per-neighbour view-tag MAC keys
     held: dict[int, list[bytes]] = field(default_factory=dict)  # owner -> [sk, b] shares
     view: bytes = b""
     uploaded: bool = False
@@ -58,7 +58,7 @@ class RoundSecrets:
     def forget_secrets(self) -> None:
         """After unmasking nothing of this round is needed again: drop it."""
         self.mask_key = self.self_seed = b""
-        self.held, self.lt_keys, self.mask_keys = {}, {}, {}
+        self.held, self.seal_keys, self.tag_keys = {}, {}, {}
 
 
 @dataclass
@@ -108,8 +108,8 @@ def _round_to_json(secrets: RoundSecrets) -> dict:
     data = dict(vars(secrets))
     for name in _BYTES_FIELDS:
         data[name] = data[name].hex()
-    data["lt_keys"] = {str(k): v.hex() for k, v in secrets.lt_keys.items()}
-    data["mask_keys"] = {str(k): v.hex() for k, v in secrets.mask_keys.items()}
+    data["seal_keys"] = {str(k): v.hex() for k, v in secrets.seal_keys.items()}
+    data["tag_keys"] = {str(k): v.hex() for k, v in secrets.tag_keys.items()}
     data["held"] = {str(k): [s.hex() for s in v] for k, v in secrets.held.items()}
     return data
 
@@ -117,8 +117,8 @@ def _round_to_json(secrets: RoundSecrets) -> dict:
 def _round_from_json(data: dict) -> RoundSecrets:
     for name in _BYTES_FIELDS:
         data[name] = bytes.fromhex(data[name])
-    data["lt_keys"] = {int(k): bytes.fromhex(v) for k, v in data["lt_keys"].items()}
-    data["mask_keys"] = {int(k): bytes.fromhex(v) for k, v in data["mask_keys"].items()}
+    data["seal_keys"] = {int(k): bytes.fromhex(v) for k, v in data["seal_keys"].items()}
+    data["tag_keys"] = {int(k): bytes.fromhex(v) for k, v in data["tag_keys"].items()}
     data["held"] = {int(k): [bytes.fromhex(s) for s in v] for k, v in data["held"].items()}
     return RoundSecrets(**data)
 
@@ -129,5 +129,7 @@ def _hexify(value: object) -> object:
     if isinstance(value, dict):
         return {str(k): _hexify(v) for k, v in value.items()}
     if isinstance(value, list):
+        if all(type(v) is int for v in value):
+            return value  # id lists (generations, cohorts): nothing to convert
         return [_hexify(v) for v in value]
     return value

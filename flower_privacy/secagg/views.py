@@ -112,8 +112,10 @@ def view_digest(nonce: bytes, secrets: RoundSecrets, content_digest: bytes) -> b
             secrets.graph_seed,
             _ids(secrets.cohort),
             _ids(secrets.prepared),
-            # One partition for all: the So et al. argument needs it.
-            [_ids(group) for group in secrets.groups],
+            # One partition for all: the So et al. argument needs it. Members and group
+            # sizes as two arrays: injective, and two items to encode, not one per group.
+            _ids([node for group in secrets.groups for node in group]),
+            _ids([len(group) for group in secrets.groups]),
             content_digest,
         ],
     )
