@@ -15,6 +15,8 @@ from __future__ import annotations
 
 import os
 import statistics
+import subprocess
+import sys
 import threading
 from collections.abc import Callable
 from pathlib import Path
@@ -111,6 +113,32 @@ def _federation(clients: int) -> dict[str, object]:
     }
 
 
+_SOLO = """
+import sys, tomllib
+sys.path.insert(0, sys.argv[1])
+from synthetic_app import task
+cfg = tomllib.load(open(sys.argv[1] + "/pyproject.toml", "rb"))["tool"]["flwr"]["app"]["config"]
+if sys.argv[2]:
+    cfg["local-epochs"] = int(sys.argv[2])
+cfg["device"] = "cpu"
+print(task.solo_seconds(task.TrainConfig.from_run_config(cfg)))
+"""
+
+
+def solo_train_s(local_epochs: int | None = None) -> float:
+    """One client's training alone on one CPU core, in a fresh interpreter.
+
+    The Ray runs' ``client_train_s`` is the same training inside the simulation (sharing
+    the cores with the engine and Ray); this is the workload itself, so a ratio can be
+    read against the compute it was measured for.
+    """
+    args = [sys.executable, "-c", _SOLO, str(SYNTHETIC_APP), str(local_epochs or "")]
+    done = subprocess.run(args, capture_output=True, text=True, check=False, timeout=600)
+    if done.returncode != 0:
+        raise RuntimeError(f"timing one client's training failed: {done.stderr[-2000:]}")
+    return float(done.stdout.strip().splitlines()[-1])
+
+
 def _steady(seconds: list[float]) -> float:
     return statistics.median(seconds[1:]) if len(seconds) > 1 else seconds[0]
 
@@ -159,6 +187,7 @@ def run(
         "secagg": f"privacy='secagg' secagg-group-size={group_size}",
     }
     out: dict[str, object] = {"clients": clients, "per_round": per_round, "rounds": rounds}
+    out["client_solo_train_s"] = solo_train_s(local_epochs)
     pairs: list[dict[str, float]] = []
     with TreeRss() as rss, LocalSimulation() as sim:
         for repeat in range(repeats):
