@@ -466,6 +466,8 @@ def test_a_holder_answers_one_unmask_request_per_round(forged_first) -> None:  #
     refused(p.Refusal.REPLAY, fed.unmask, 101, second)
     secrets = fed.clients[101].rounds[1]
     assert secrets.held == {} and secrets.mask_key == b"" and secrets.self_seed == b""
+    # The keys derived for the round's packages and view tags go with it.
+    assert secrets.seal_keys == {} and secrets.tag_keys == {}
 
 
 def test_refuses_what_the_pluggable_rule_forbids() -> None:
