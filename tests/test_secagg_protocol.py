@@ -1,6 +1,6 @@
 """The Flower-free secure aggregation protocol: correctness, dropouts, refusals.
 
-Protocol version 2 (round-scoped secrets): advertise (long-term keys, once), then per
+Protocol version 3 (round-scoped secrets): advertise (long-term keys, once), then per
 round prepare, train/upload, the optional consistency stage and unmask.
 """
 
@@ -440,7 +440,8 @@ def test_refuses_replays_of_another_round_run_or_version() -> None:
     refused(p.Refusal.REPLAY, fed.unmask, 101, dict(request, nonce=b"x" * 16))
     refused(p.Refusal.REPLAY, fed.unmask, 101, dict(request, round=0))
     refused(p.Refusal.REPLAY, fed.unmask, 101, dict(request, round=2))
-    refused(p.Refusal.VERSION, fed.unmask, 101, dict(request, protocol="flower-privacy-secagg/1"))
+    for older in ("flower-privacy-secagg/1", "flower-privacy-secagg/2"):
+        refused(p.Refusal.VERSION, fed.unmask, 101, dict(request, protocol=older))
     fed.unmask(101, request)
     refused(p.Refusal.REPLAY, fed.unmask, 101, request)
     # Neither the round's training nor its preparation can be run again.
@@ -468,6 +469,17 @@ def test_a_holder_answers_one_unmask_request_per_round(forged_first) -> None:  #
     assert secrets.held == {} and secrets.mask_key == b"" and secrets.self_seed == b""
     # The keys derived for the round's packages and view tags go with it.
     assert secrets.seal_keys == {} and secrets.tag_keys == {}
+
+
+def test_a_node_keeps_none_of_its_own_round_secrets_after_uploading() -> None:
+    # Its round key and self-mask seed now live only as shares with its neighbours: a
+    # node whose state leaks between upload and unmask reveals nothing to strip its masks.
+    fed = Federation(6)
+    fed.uploaded()
+    secrets = fed.clients[101].rounds[1]
+    assert secrets.uploaded
+    assert secrets.mask_key == b"" and secrets.self_seed == b"" and secrets.seal_keys == {}
+    assert secrets.held and secrets.tag_keys  # what unmasking still needs
 
 
 def test_refuses_what_the_pluggable_rule_forbids() -> None:

@@ -126,13 +126,14 @@ print(task.solo_seconds(task.TrainConfig.from_run_config(cfg)))
 
 
 def solo_train_s(local_epochs: int | None = None) -> float:
-    """One client's training alone on one CPU core, in a fresh interpreter.
+    """One client's training alone (one torch thread), in a fresh interpreter.
 
     The Ray runs' ``client_train_s`` is the same training inside the simulation (sharing
     the cores with the engine and Ray); this is the workload itself, so a ratio can be
     read against the compute it was measured for.
     """
-    args = [sys.executable, "-c", _SOLO, str(SYNTHETIC_APP), str(local_epochs or "")]
+    epochs = "" if local_epochs is None else str(local_epochs)
+    args = [sys.executable, "-c", _SOLO, str(SYNTHETIC_APP), epochs]
     done = subprocess.run(args, capture_output=True, text=True, check=False, timeout=600)
     if done.returncode != 0:
         raise RuntimeError(f"timing one client's training failed: {done.stderr[-2000:]}")

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
-PROTOCOL = "flower-privacy-secagg/2"
+PROTOCOL = "flower-privacy-secagg/3"
 # Slots appended to every masked vector after the model coordinates.
 EXTRA_SLOTS = 2  # total weight, clipped values
 

@@ -272,6 +272,7 @@ def client_mask(
             vector -= mask  # unsigned arithmetic wraps modulo 2^bits
         tags.append(keys.mac(pair.mac_key, tag_message(state.node_id, peer, secrets.view)))
     secrets.uploaded = True
+    secrets.forget_own_secrets()
     upload = m.Upload(
         round=rnd,
         masked=vector.astype(words, copy=False).tobytes(),

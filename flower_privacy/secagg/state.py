@@ -55,6 +55,14 @@ class RoundSecrets:
         alive = set(survivors)
         return [v for v in self.neighbours if v in alive]
 
+    def forget_own_secrets(self) -> None:
+        """After uploading, this node's own round secrets are never used again: drop them.
+
+        What the held shares protect is then only in the neighbours' hands.
+        """
+        self.mask_key = self.self_seed = b""
+        self.seal_keys = {}
+
     def forget_secrets(self) -> None:
         """After unmasking nothing of this round is needed again: drop it."""
         self.mask_key = self.self_seed = b""
